@@ -24,7 +24,6 @@ import math
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -247,7 +246,9 @@ class And(Mask):
     _combined_heads(self.a, self.b)
 
   num_heads = property(lambda self: _combined_heads(self.a, self.b))
-  diagonal_invariant = property(lambda self: self.a.diagonal_invariant and self.b.diagonal_invariant)
+  diagonal_invariant = property(
+    lambda self: self.a.diagonal_invariant and self.b.diagonal_invariant
+  )
 
   def _eval(self, h, q, k):
     return self.a._eval(h, q, k) & self.b._eval(h, q, k)
@@ -266,7 +267,9 @@ class Or(Mask):
     _combined_heads(self.a, self.b)
 
   num_heads = property(lambda self: _combined_heads(self.a, self.b))
-  diagonal_invariant = property(lambda self: self.a.diagonal_invariant and self.b.diagonal_invariant)
+  diagonal_invariant = property(
+    lambda self: self.a.diagonal_invariant and self.b.diagonal_invariant
+  )
 
   def _eval(self, h, q, k):
     return self.a._eval(h, q, k) | self.b._eval(h, q, k)
@@ -627,4 +630,3 @@ def _resolve_partial_tiles(mask, kinds, tile_ids, q_len, kv_len, block_q, block_
   if not distinct:
     return np.zeros((1, block_q, block_kv), bool)
   return np.stack(distinct)
-

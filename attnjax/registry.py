@@ -141,5 +141,11 @@ def _load_builtin_variants() -> None:
   import attnjax.ops  # noqa: F401
 
 
-if __name__ == "__main__":
-  print(markdown_table())
+README_START, README_END = "<!-- variants:start -->", "<!-- variants:end -->"
+
+
+def update_readme(text: str) -> str:
+  """`text` with the part between the variants markers replaced by `markdown_table()`."""
+  head, _, rest = text.partition(README_START)
+  _, _, tail = rest.partition(README_END)
+  return f"{head}{README_START}\n{markdown_table()}\n{README_END}{tail}"

@@ -1,7 +1,7 @@
 """Softmax attention: dense float32 reference, XLA blockwise (flash) form, mask presets."""
 
+from attnjax.ops.softmax import variants  # noqa: F401  (registers the mask presets)
 from attnjax.ops.softmax.api import dot_product_attention
 from attnjax.ops.softmax.blockwise import BlockSizes
-from attnjax.ops.softmax import variants  # noqa: F401  (registers the mask presets)
 
 __all__ = ["BlockSizes", "dot_product_attention"]

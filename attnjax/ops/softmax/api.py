@@ -13,20 +13,9 @@ from attnjax import registry
 from attnjax.ops.common import QKVShape, check_qkv, resolve_scale
 from attnjax.ops.softmax import blockwise, reference
 
-
-def _pallas_unavailable(*args, **kwargs):
-  raise registry.Unsupported(
-    "the block-sparse Pallas kernel (kernels_pallas/block_sparse, issue 4) is not built yet; "
-    "use impl='xla' or impl='reference'"
-  )
-
-
-IMPLS = {
-  "reference": reference.attention,
-  "xla": blockwise.attention,
-  "pallas": _pallas_unavailable,
-  "pallas_interpret": _pallas_unavailable,
-}
+# The block-sparse Pallas kernel (kernels_pallas/block_sparse) adds "pallas" and
+# "pallas_interpret" here; until then asking for them raises `registry.Unsupported`.
+IMPLS = {"reference": reference.attention, "xla": blockwise.attention}
 
 
 def dot_product_attention(

@@ -78,18 +78,15 @@ class Schedule:
 
 
 def make_schedule(bm: masks_lib.BlockMask) -> Schedule:
-  """Packs the rows of `bm` into lanes, longest rows first onto the least-loaded lane."""
+  """Packs the rows of `bm` into lanes, choosing the lane count that wastes the fewest steps."""
   counts = bm.kv_counts.reshape(-1)
   rows = [int(r) for r in np.argsort(-counts, kind="stable") if counts[r] > 0]
-  total = int(counts.sum())
-  lanes = max(1, min(len(rows), total // max(int(counts.max(initial=0)), 1)))
-  heap = [(0, lane) for lane in range(lanes)]
-  lane_rows: list[list[int]] = [[] for _ in range(lanes)]
-  for r in rows:
-    load, lane = heapq.heappop(heap)
-    lane_rows[lane].append(r)
-    heapq.heappush(heap, (load + int(counts[r]), lane))
-  steps = max((load for load, _ in heap), default=0)
+  longest = int(counts.max(initial=0))
+  fewest = max(1, min(len(rows), int(counts.sum()) // max(longest, 1)))
+  candidates = {min(len(rows), n) for n in (fewest, fewest + 1, fewest + 2, len(rows))}
+  plans = [_pack_rows(rows, counts, max(n, 1)) for n in sorted(candidates)]
+  lane_rows, steps = min(plans, key=lambda plan: (plan[1] * len(plan[0]), plan[1]))
+  lanes = len(lane_rows)
   fields = {name: np.zeros((lanes, steps), np.int32) for name in ("row", "col", "kind", "pid")}
   first, last = np.zeros((lanes, steps), bool), np.zeros((lanes, steps), bool)
   flat = {
@@ -120,9 +117,22 @@ def make_schedule(bm: masks_lib.BlockMask) -> Schedule:
   )
 
 
+def _pack_rows(rows: list[int], counts: np.ndarray, lanes: int) -> tuple[list[list[int]], int]:
+  """LPT: rows (longest first) each go to the least-loaded lane; returns (lanes, steps)."""
+  heap = [(0, lane) for lane in range(lanes)]
+  lane_rows: list[list[int]] = [[] for _ in range(lanes)]
+  for r in rows:
+    load, lane = heapq.heappop(heap)
+    lane_rows[lane].append(r)
+    heapq.heappush(heap, (load + int(counts[r]), lane))
+  return lane_rows, max((load for load, _ in heap), default=0)
+
+
 @functools.lru_cache(maxsize=64)
 def cached_schedule(mask, q_len, kv_len, block_q, block_kv, q_offset) -> Schedule:
-  return make_schedule(masks_lib.block_mask(mask, q_len, kv_len, block_q, block_kv, q_offset=q_offset))
+  return make_schedule(
+    masks_lib.block_mask(mask, q_len, kv_len, block_q, block_kv, q_offset=q_offset)
+  )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
