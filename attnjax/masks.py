@@ -2,7 +2,8 @@
 
 A `Mask` is a predicate `(head, q_pos, kv_pos) -> bool` over absolute positions, built from
 constructors (`causal()`, `sliding_window(left, right)`, `chunked(size)`, `prefix_lm(n)`,
-`sinks(n)`, `strided(stride)`, `power(base)`, `from_array(a)`, `per_head([...])`) and
+`sinks(n)`, `strided(stride)`, `power(base)`, `from_array(a)`, `block_pattern(bits, bq, bkv)`,
+`per_head([...])`) and
 combined with `&`, `|` and `~`. Query row `i` sits at absolute position `i + q_offset`
 (decoding and cross attention use `q_offset != 0`); key column `j` at position `j`.
 
@@ -230,6 +231,37 @@ class FromArray(Mask):
     return count > 0, count == (q_hi - q_lo) * (k_hi - k_lo)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockPattern(Mask):
+  """A boolean pattern over blocks: key j is visible to query i iff `bits[i // bq, j // bkv]`.
+
+  The form of learned / routed block-sparse attention (MoBA, NSA block selection) and of the
+  random block masks used to benchmark sparsity; it never expands to a dense matrix.
+  """
+
+  bits: np.ndarray
+  block_q: int
+  block_kv: int
+
+  def __post_init__(self):
+    padded = np.pad(self.bits.astype(np.int64), [(1, 0), (1, 0)])
+    object.__setattr__(self, "_summed_area", padded.cumsum(0).cumsum(1))
+
+  def _eval(self, h, q, k):
+    n_q, n_k = self.bits.shape
+    qb, kb = q // self.block_q, k // self.block_kv
+    inside = (qb >= 0) & (qb < n_q) & (kb >= 0) & (kb < n_k)
+    return inside & self.bits[np.clip(qb, 0, n_q - 1), np.clip(kb, 0, n_k - 1)]
+
+  def _bounds(self, h, q_lo, q_hi, k_lo, k_hi):
+    n_q, n_k = self.bits.shape
+    q0, q1 = np.clip(q_lo // self.block_q, 0, n_q), np.clip(-(-q_hi // self.block_q), 0, n_q)
+    k0, k1 = np.clip(k_lo // self.block_kv, 0, n_k), np.clip(-(-k_hi // self.block_kv), 0, n_k)
+    sat = self._summed_area
+    count = sat[q1, k1] - sat[q0, k1] - sat[q1, k0] + sat[q0, k0]
+    return count > 0, count == (q1 - q0) * (k1 - k0)
+
+
 def _combined_heads(*masks: Mask) -> int | None:
   counts = {m.num_heads for m in masks} - {None}
   if len(counts) > 1:
@@ -376,6 +408,18 @@ def from_array(mask: np.ndarray | jax.Array) -> Mask:
       f"got dtype {array.dtype} shape {array.shape}"
     )
   return FromArray(array)
+
+
+def block_pattern(bits: np.ndarray | jax.Array, block_q: int, block_kv: int) -> Mask:
+  """Block-level boolean pattern `bits [q_blocks, kv_blocks]` over blocks of the given sizes."""
+  array = np.asarray(bits)
+  if array.dtype != bool or array.ndim != 2:
+    raise ValueError(
+      f"bits must be a boolean [q_blocks, kv_blocks] array, got {array.dtype} {array.shape}"
+    )
+  return BlockPattern(
+    array, _check_nonneg_int("block_q", block_q, 1), _check_nonneg_int("block_kv", block_kv, 1)
+  )
 
 
 def per_head(masks: Sequence[Mask]) -> Mask:

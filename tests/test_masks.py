@@ -108,6 +108,18 @@ def test_from_array_and_per_head(q_len, kv_len, bq, bkv, seed, heads):
   check_block_mask_invariants(masks.block_mask(per_head, q_len, kv_len, bq, bkv), dense)
 
 
+@given(
+  q_len=lengths, kv_len=lengths, bq=blocks, bkv=blocks, pq=st.integers(1, 9), pk=st.integers(1, 9)
+)
+def test_block_pattern(q_len, kv_len, bq, bkv, pq, pk):
+  rng = np.random.default_rng(q_len * 97 + kv_len)
+  bits = rng.random((-(-q_len // pq), -(-kv_len // pk))) < 0.4
+  mask = masks.block_pattern(bits, pq, pk)
+  expected = brute_force(lambda q, k: bits[q // pq, k // pk], q_len, kv_len, 0)
+  np.testing.assert_array_equal(masks.to_dense(mask, q_len, kv_len), expected)
+  check_block_mask_invariants(masks.block_mask(mask, q_len, kv_len, bq, bkv), expected[None])
+
+
 def test_block_mask_skips_empty_tiles_and_dedupes():
   bm = masks.block_mask(masks.causal(), 1024, 1024, 128, 128)
   assert bm.kv_counts.tolist() == [list(range(1, 9))]
