@@ -11,11 +11,14 @@ import numpy as np
 from attnjax import masks as masks_lib
 from attnjax import registry
 from attnjax.ops.common import QKVShape, check_qkv, resolve_scale
-from attnjax.ops.softmax import blockwise, reference
+from attnjax.ops.softmax import blockwise, pallas, reference
 
-# The block-sparse Pallas kernel (kernels_pallas/block_sparse) adds "pallas" and
-# "pallas_interpret" here; until then asking for them raises `registry.Unsupported`.
-IMPLS = {"reference": reference.attention, "xla": blockwise.attention}
+IMPLS = {
+  "reference": reference.attention,
+  "xla": blockwise.attention,
+  "pallas": pallas.attention,
+  "pallas_interpret": pallas.interpreted,
+}
 
 
 def dot_product_attention(

@@ -14,7 +14,7 @@ from attnjax import masks
 from attnjax.ops.softmax import BlockSizes
 from tests.helpers import assert_close, random_normal, tolerance
 
-FAST_IMPLS = ["xla"]
+FAST_IMPLS = ["xla", "pallas_interpret"]
 
 MASKS = {
   "none": lambda q_len, kv_len: None,

@@ -1,0 +1,6 @@
+"""Block-sparse flash attention kernels: Mosaic TPU (`tpu.py`); shared pieces in `common.py`."""
+
+from kernels_pallas.block_sparse.common import BlockSizes, MaskInfo
+from kernels_pallas.block_sparse.tpu import block_sparse_attention
+
+__all__ = ["BlockSizes", "MaskInfo", "block_sparse_attention"]

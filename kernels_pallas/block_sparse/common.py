@@ -1,0 +1,100 @@
+"""Pieces shared by the block-sparse kernels: block sizes and the tile lists they iterate over.
+
+The kernels depend on jax only: `attnjax.masks.BlockMask` is converted to a `MaskInfo` by
+`attnjax.ops.softmax.pallas` before the call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes. On TPU, `block_q % 8 == 0` and `block_kv % 128 == 0` (or one block spans the
+  whole padded length); partial-mask tiles are int8, so `block_q % 32 == 0` there too."""
+
+  block_q: int = 512
+  block_kv: int = 512
+
+  def __post_init__(self):
+    for name in ("block_q", "block_kv"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
+
+  def check_tpu(self, q_len_padded: int, kv_len_padded: int) -> None:
+    """Raises ValueError unless the tiles satisfy Mosaic's (8, 128) block-shape rule."""
+    if self.block_q % 32 and self.block_q != q_len_padded:
+      raise ValueError(
+        f"block_q={self.block_q} must be a multiple of 32 on TPU (8 for f32 rows, 32 for the "
+        f"int8 mask tiles) or equal the padded q length {q_len_padded}"
+      )
+    if self.block_kv % 128 and self.block_kv != kv_len_padded:
+      raise ValueError(
+        f"block_kv={self.block_kv} must be a multiple of 128 on TPU or equal the padded kv "
+        f"length {kv_len_padded}"
+      )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MaskInfo:
+  """Per-row tile lists of a block-sparse mask, forward and transposed.
+
+  Forward rows are query blocks: `counts [mask_heads, n_q_blocks]` live kv blocks, listed in
+  `indices [mask_heads, n_q_blocks, max_count]` (padding repeats the last id so the pipeline
+  skips the copy), `kinds` (FULL: no mask needed; PARTIAL: apply `tiles[partial_ids]`).
+  Transposed rows (`t_*`, for dk/dv) are kv blocks listing query blocks; their `t_partial_ids`
+  index the same `tiles [num_tiles, block_q, block_kv]` (int8, query-major).
+  `mask_heads` is 1, or the number of query heads for a per-head mask.
+  """
+
+  counts: np.ndarray
+  indices: np.ndarray
+  kinds: np.ndarray
+  partial_ids: np.ndarray
+  t_counts: np.ndarray
+  t_indices: np.ndarray
+  t_kinds: np.ndarray
+  t_partial_ids: np.ndarray
+  tiles: np.ndarray
+  block_q: int
+  block_kv: int
+
+  @property
+  def mask_heads(self) -> int:
+    return self.counts.shape[0]
+
+  @property
+  def num_q_blocks(self) -> int:
+    return self.counts.shape[1]
+
+  @property
+  def num_kv_blocks(self) -> int:
+    return self.t_counts.shape[1]
+
+  def visited_tiles(self) -> int:
+    """Tiles the forward grid computes (the rest of the grid steps do no work)."""
+    return int(np.asarray(self.counts).sum())
+
+
+jax.tree_util.register_dataclass(
+  MaskInfo,
+  data_fields=[
+    "counts",
+    "indices",
+    "kinds",
+    "partial_ids",
+    "t_counts",
+    "t_indices",
+    "t_kinds",
+    "t_partial_ids",
+    "tiles",
+  ],
+  meta_fields=["block_q", "block_kv"],
+)
