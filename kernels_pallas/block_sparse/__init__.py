@@ -1,4 +1,7 @@
-"""Block-sparse flash attention kernels: Mosaic TPU (`tpu.py`); shared pieces in `common.py`."""
+"""Block-sparse flash attention kernels: Mosaic TPU (`tpu.py`), Triton GPU (`gpu.py`).
+
+Shared pieces (block sizes, tile lists, argument checks) live in `common.py`.
+"""
 
 from kernels_pallas.block_sparse.common import BlockSizes, MaskInfo
 from kernels_pallas.block_sparse.tpu import block_sparse_attention

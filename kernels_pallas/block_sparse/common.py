@@ -98,3 +98,23 @@ jax.tree_util.register_dataclass(
   ],
   meta_fields=["block_q", "block_kv"],
 )
+
+
+def check_call(q, k, v, mask_info: MaskInfo) -> None:
+  """Validates `[b, t, h, d]` q/k/v against each other and against the mask's tiling."""
+  b, tq, h, d = q.shape
+  _, tk, hk, _ = k.shape
+  if k.shape != (b, tk, hk, d) or v.shape[:3] != (b, tk, hk) or h % hk:
+    raise ValueError(
+      f"expected q [b, tq, h, d], k [b, tk, hk, d], v [b, tk, hk, dv] with h % hk == 0; "
+      f"got q {q.shape}, k {k.shape}, v {v.shape}"
+    )
+  bq, bkv = mask_info.block_q, mask_info.block_kv
+  tq_pad, tk_pad = mask_info.num_q_blocks * bq, mask_info.num_kv_blocks * bkv
+  if not (tq <= tq_pad < tq + bq and tk <= tk_pad < tk + bkv):
+    raise ValueError(
+      f"mask_info covers {mask_info.num_q_blocks} x {mask_info.num_kv_blocks} blocks of "
+      f"({bq}, {bkv}), which does not fit q_len={tq}, kv_len={tk}"
+    )
+  if mask_info.mask_heads not in (1, h):
+    raise ValueError(f"mask_info has {mask_info.mask_heads} heads; q has {h}")

@@ -28,7 +28,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.block_sparse.common import FULL, PARTIAL, BlockSizes, MaskInfo
+from kernels_pallas.block_sparse.common import FULL, PARTIAL, BlockSizes, MaskInfo, check_call
 
 LANES = 128
 
@@ -496,22 +496,11 @@ def block_sparse_attention(
     out `[batch, q_len, heads, value_dim]` (q's dtype), lse float32 `[batch, q_len, heads]`
     (-inf for rows with nothing to attend to, whose output is zero).
   """
-  b, tq, h, d = q.shape
-  _, tk, hk, _ = k.shape
-  if k.shape != (b, tk, hk, d) or v.shape[:3] != (b, tk, hk) or h % hk:
-    raise ValueError(
-      f"expected q [b, tq, h, d], k [b, tk, hk, d], v [b, tk, hk, dv] with h % hk == 0; "
-      f"got q {q.shape}, k {k.shape}, v {v.shape}"
-    )
+  check_call(q, k, v, mask_info)
+  tq, h = q.shape[1:3]
+  tk, hk = k.shape[1:3]
   bq, bkv = mask_info.block_q, mask_info.block_kv
   tq_pad, tk_pad = mask_info.num_q_blocks * bq, mask_info.num_kv_blocks * bkv
-  if not (tq <= tq_pad < tq + bq and tk <= tk_pad < tk + bkv):
-    raise ValueError(
-      f"mask_info covers {mask_info.num_q_blocks} x {mask_info.num_kv_blocks} blocks of "
-      f"({bq}, {bkv}), which does not fit q_len={tq}, kv_len={tk}"
-    )
-  if mask_info.mask_heads not in (1, h):
-    raise ValueError(f"mask_info has {mask_info.mask_heads} heads; q has {h}")
   if interpret is False or isinstance(interpret, pltpu.InterpretParams):
     BlockSizes(bq, bkv).check_tpu(tq_pad, tk_pad)
   st = _Static(

@@ -1,9 +1,11 @@
-"""`impl="pallas"` / `"pallas_interpret"`: the block-sparse Pallas kernel behind the op's API.
+"""`impl="pallas"` / `"pallas_interpret"`: the block-sparse Pallas kernels behind the op's API.
 
 Builds the BlockMask for the kernel's tile sizes (outside jit, cached), converts it to the
-kernel's `MaskInfo`, and calls `kernels_pallas.block_sparse`. On TPU the Mosaic kernel runs;
-`pallas_interpret` runs the same kernel in the Pallas interpreter on any backend (CI: CPU).
-Other backends raise `registry.Unsupported`, so `impl="auto"` falls back to `xla`.
+kernel's `MaskInfo`, and calls `kernels_pallas.block_sparse`: the Mosaic kernel on TPU, the
+Triton kernel on GPU. `pallas_interpret` runs the TPU kernel in the Pallas interpreter on any
+backend (CI: CPU). On other backends `pallas` raises `registry.Unsupported`, so
+`impl="auto"` falls back to `xla`. The kernels are not auto-partitioned by XLA: inside
+`shard_map` (sequence parallelism) they run on each shard's local arrays.
 """
 
 from __future__ import annotations
@@ -17,8 +19,13 @@ from attnjax import masks as masks_lib
 from attnjax import registry
 from attnjax.ops.softmax.blockwise import BlockSizes
 from kernels_pallas import block_sparse
+from kernels_pallas.block_sparse import gpu as block_sparse_gpu
 
-DEFAULT_BLOCKS = BlockSizes(512, 512)
+DEFAULT_BLOCKS = {"tpu": BlockSizes(512, 512), "gpu": BlockSizes(64, 64)}
+KERNELS = {
+  "tpu": block_sparse.block_sparse_attention,
+  "gpu": block_sparse_gpu.block_sparse_attention,
+}
 
 
 @functools.lru_cache(maxsize=64)
@@ -55,16 +62,23 @@ def attention(
   q_offset,
   block_sizes=None,
   interpret=False,
+  kernel=None,
 ):
-  """Same function and arguments as `reference.attention`, computed by the Pallas kernel."""
-  if not interpret and jax.default_backend() != "tpu":
-    raise registry.Unsupported(
-      f"the block-sparse Pallas kernel targets TPU; backend is {jax.default_backend()!r} "
-      "(use impl='pallas_interpret' to run it in the interpreter)"
+  """Same function and arguments as `reference.attention`, computed by a Pallas kernel.
+
+  `kernel` ("tpu" or "gpu") defaults to the backend's, or "tpu" when interpreting.
+  """
+  kernel = kernel or ("tpu" if interpret else _backend_kernel())
+  blocks = block_sizes or DEFAULT_BLOCKS[kernel]
+  if kernel == "gpu":  # Triton tiles are powers of two
+    blocks = BlockSizes(
+      min(blocks.block_q, _pow2_at_least_16(shape.q_len)),
+      min(blocks.block_kv, _pow2_at_least_16(shape.kv_len)),
     )
-  blocks = (block_sizes or DEFAULT_BLOCKS).fit(shape.q_len, shape.kv_len)
+  else:
+    blocks = blocks.fit(shape.q_len, shape.kv_len)
   info = mask_info(mask, shape.q_len, shape.kv_len, blocks.block_q, blocks.block_kv, q_offset)
-  return block_sparse.block_sparse_attention(
+  return KERNELS[kernel](
     q,
     k,
     v,
@@ -76,6 +90,22 @@ def attention(
     sinks=sinks,
     interpret=interpret,
   )
+
+
+def _backend_kernel() -> str:
+  backend = jax.default_backend()
+  if backend == "tpu":
+    return "tpu"
+  if backend in ("gpu", "cuda", "rocm"):
+    return "gpu"
+  raise registry.Unsupported(
+    f"the block-sparse Pallas kernels target TPU and GPU; backend is {backend!r} "
+    "(impl='pallas_interpret' runs the TPU kernel in the interpreter)"
+  )
+
+
+def _pow2_at_least_16(n: int) -> int:
+  return max(16, 1 << (n - 1).bit_length())
 
 
 interpreted = functools.partial(attention, interpret=True)
