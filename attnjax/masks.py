@@ -3,7 +3,7 @@
 A `Mask` is a predicate `(head, q_pos, kv_pos) -> bool` over absolute positions, built from
 constructors (`causal()`, `sliding_window(left, right)`, `chunked(size)`, `prefix_lm(n)`,
 `sinks(n)`, `strided(stride)`, `power(base)`, `from_array(a)`, `block_pattern(bits, bq, bkv)`,
-`per_head([...])`) and
+`documents(lengths)`, `per_head([...])`) and
 combined with `&`, `|` and `~`. Query row `i` sits at absolute position `i + q_offset`
 (decoding and cross attention use `q_offset != 0`); key column `j` at position `j`.
 
@@ -262,6 +262,34 @@ class BlockPattern(Mask):
     return count > 0, count == (q1 - q0) * (k1 - k0)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Documents(Mask):
+  """Query and key in the same document, for documents of static `lengths` packed end to end.
+
+  The static form of document (varlen) masking: unlike `segment_ids`, which are data, its
+  BlockMask skips the tiles between documents. Positions past the last document match none.
+  """
+
+  starts: np.ndarray  # int64 [num_documents + 1]: cumulative document starts
+
+  def _doc(self, pos):
+    return np.searchsorted(self.starts, pos, side="right") - 1
+
+  def _eval(self, h, q, k):
+    end = self.starts[-1]
+    return (self._doc(q) == self._doc(k)) & (q < end) & (k < end)
+
+  def _bounds(self, h, q_lo, q_hi, k_lo, k_hi):
+    end = self.starts[-1]
+    q_first, q_last = self._doc(q_lo), self._doc(np.minimum(q_hi, end) - 1)
+    k_first, k_last = self._doc(k_lo), self._doc(np.minimum(k_hi, end) - 1)
+    inside = (q_lo < end) & (k_lo < end)
+    may = inside & (q_first <= k_last) & (k_first <= q_last)
+    must = inside & (q_first == q_last) & (k_first == k_last) & (q_first == k_first)
+    must &= (q_hi <= end) & (k_hi <= end)
+    return may, must
+
+
 def _combined_heads(*masks: Mask) -> int | None:
   counts = {m.num_heads for m in masks} - {None}
   if len(counts) > 1:
@@ -420,6 +448,14 @@ def block_pattern(bits: np.ndarray | jax.Array, block_q: int, block_kv: int) -> 
   return BlockPattern(
     array, _check_nonneg_int("block_q", block_q, 1), _check_nonneg_int("block_kv", block_kv, 1)
   )
+
+
+def documents(lengths: Sequence[int]) -> Mask:
+  """Block-diagonal mask of documents with the given lengths (static varlen packing)."""
+  lengths = np.asarray(lengths, np.int64)
+  if lengths.ndim != 1 or len(lengths) == 0 or (lengths < 1).any():
+    raise ValueError(f"lengths must be a non-empty list of positive ints, got {lengths.tolist()}")
+  return Documents(np.concatenate([[0], np.cumsum(lengths)]))
 
 
 def per_head(masks: Sequence[Mask]) -> Mask:

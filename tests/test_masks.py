@@ -9,6 +9,11 @@ from hypothesis import strategies as st
 
 from attnjax import masks
 
+
+def _doc(pos, starts=(0, 5, 6, 15, 22, 34)):
+  return max(i for i, start in enumerate(starts) if start <= pos)
+
+
 # (constructor, brute-force predicate on absolute positions q, k)
 BRUTE_FORCE = {
   "full": (lambda: masks.full(), lambda q, k: True),
@@ -36,6 +41,14 @@ BRUTE_FORCE = {
   "causal_and_strided_or_window": (
     lambda: masks.causal() & (masks.strided(4) | masks.sliding_window(1)),
     lambda q, k: k <= q and ((q - k) % 4 == 0 or q - k <= 1),
+  ),
+  "documents": (
+    lambda: masks.documents([5, 1, 9, 7, 12]),
+    lambda q, k: q < 34 and k < 34 and _doc(q) == _doc(k),
+  ),
+  "causal_documents": (
+    lambda: masks.causal() & masks.documents([3, 20, 2]),
+    lambda q, k: k <= q < 25 and _doc(q, [0, 3, 23, 25]) == _doc(k, [0, 3, 23, 25]),
   ),
   "xor_like": (
     lambda: (masks.causal() | masks.chunked(3)) & ~(masks.causal() & masks.chunked(3)),
