@@ -1,0 +1,17 @@
+"""Flax NNX modules: thin shells that own parameters and call `attnjax.ops`."""
+
+from attnjax.nn.attention import Attention
+from attnjax.nn.lm import Block, DecoderLM, parse_layer_pattern
+from attnjax.nn.mlp import SwiGLU
+from attnjax.nn.norm import RMSNorm
+from attnjax.nn.rope import apply_rope
+
+__all__ = [
+  "Attention",
+  "Block",
+  "DecoderLM",
+  "RMSNorm",
+  "SwiGLU",
+  "apply_rope",
+  "parse_layer_pattern",
+]

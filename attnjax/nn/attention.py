@@ -1,0 +1,108 @@
+"""`Attention`: the NNX mixer of softmax-family variants (projections + a registry op).
+
+Multi-head attention (Vaswani et al. 2017, "Attention Is All You Need") with grouped-query
+heads (Ainslie et al. 2023, "GQA"), optional rotary positions (`attnjax.nn.rope`) and optional
+QK-norm (Dehghani et al. 2023, RMSNorm of queries and keys over head_dim). The attention
+itself is the registered variant's op: `attnjax.registry.get(variant)(q, k, v, ...)`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnjax import registry
+from attnjax.nn.norm import RMSNorm
+from attnjax.nn.params import fan_in_init, param
+from attnjax.nn.rope import apply_rope
+
+
+def resolve_heads(
+  embed_dim: int, num_heads: int, num_kv_heads: int | None, head_dim: int | None
+) -> tuple[int, int]:
+  """(num_kv_heads, head_dim) with the mixer protocol's defaults, validated."""
+  num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+  head_dim = embed_dim // num_heads if head_dim is None else head_dim
+  for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+    if value < 1:
+      raise ValueError(f"{name} must be positive, got {name}={value}")
+  if num_kv_heads < 1 or num_heads % num_kv_heads:
+    raise ValueError(
+      f"num_heads={num_heads} must be a positive multiple of num_kv_heads={num_kv_heads}"
+    )
+  if head_dim < 1:
+    raise ValueError(
+      f"head_dim must be positive, got head_dim={head_dim} (embed_dim={embed_dim}, "
+      f"num_heads={num_heads})"
+    )
+  return num_kv_heads, head_dim
+
+
+class Attention(nnx.Module):
+  """Projections around a registered attention op: `[batch, seq, embed] -> same`.
+
+  Parameters (logical axes): `q [embed, heads, head_dim]`, `k`, `v [embed, kv_heads,
+  head_dim]`, `out [heads, head_dim, embed]`; with `qk_norm`, `q_norm`, `k_norm [head_dim]`.
+  `variant_options` go to the variant's op on every call (e.g. `window=` of
+  `sliding_window`); `impl` selects its implementation.
+  """
+
+  def __init__(
+    self,
+    embed_dim: int,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    variant: str = "softmax",
+    rngs: nnx.Rngs,
+    use_rope: bool = True,
+    rope_base: float = 10_000.0,
+    qk_norm: bool = False,
+    impl: str = "auto",
+    dtype=jnp.float32,
+    **variant_options,
+  ):
+    num_kv_heads, head_dim = resolve_heads(embed_dim, num_heads, num_kv_heads, head_dim)
+    if use_rope and head_dim % 2:
+      raise ValueError(f"use_rope needs an even head_dim, got head_dim={head_dim}")
+    registry.get(variant)  # Fails early, listing the registered names.
+    self.variant = variant
+    self.impl = impl
+    self.use_rope = use_rope
+    self.rope_base = rope_base
+    self.dtype = dtype
+    self.variant_options = tuple(sorted(variant_options.items()))  # static, hashable
+    self.q = param(
+      rngs, fan_in_init(), (embed_dim, num_heads, head_dim), ("embed", "heads", "head_dim")
+    )
+    kv_axes = ("embed", "kv_heads", "head_dim")
+    self.k = param(rngs, fan_in_init(), (embed_dim, num_kv_heads, head_dim), kv_axes)
+    self.v = param(rngs, fan_in_init(), (embed_dim, num_kv_heads, head_dim), kv_axes)
+    self.out = param(
+      rngs, fan_in_init(2), (num_heads, head_dim, embed_dim), ("heads", "head_dim", "embed")
+    )
+    self.q_norm = RMSNorm(head_dim, axis_name="head_dim", rngs=rngs) if qk_norm else None
+    self.k_norm = RMSNorm(head_dim, axis_name="head_dim", rngs=rngs) if qk_norm else None
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    """`x [batch, seq, embed]`, `segment_ids` int `[batch, seq]` -> `[batch, seq, embed]`."""
+    if x.ndim != 3 or x.shape[-1] != self.q.shape[0]:
+      raise ValueError(f"x must be [batch, seq, embed={self.q.shape[0]}], got shape {x.shape}")
+    x = x.astype(self.dtype)
+    q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(self.dtype))
+    k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(self.dtype))
+    v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(self.dtype))
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if self.use_rope:
+      # Positions restart nowhere: rotary scores depend on q_pos - kv_pos only, and packed
+      # documents never attend across their boundary.
+      positions = jnp.arange(x.shape[1])
+      q = apply_rope(q, positions, base=self.rope_base)
+      k = apply_rope(k, positions, base=self.rope_base)
+    out = registry.get(self.variant)(
+      q, k, v, segment_ids=segment_ids, impl=self.impl, **dict(self.variant_options)
+    )
+    return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))

@@ -1,0 +1,137 @@
+"""Decoder-only language model whose token mixer is chosen per layer by registry name.
+
+    tokens -> embed -> N x [x + mixer(norm(x)); x + mlp(norm(x))] -> norm -> logits
+
+Each layer's mixer is `registry.mixer_class(name)(embed_dim, num_heads=..., num_kv_heads=...,
+head_dim=..., variant=name, rngs=rngs, **mixer_options.get(name, {}))`, so any registered
+variant (softmax, linear, ...) plugs in by name and `layer_pattern` builds hybrids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnjax import registry
+from attnjax.nn.mlp import SwiGLU
+from attnjax.nn.norm import RMSNorm
+from attnjax.nn.params import param
+
+
+def parse_layer_pattern(pattern: str | Sequence[str], depth: int) -> tuple[str, ...]:
+  """The mixer name of each of `depth` layers.
+
+  `pattern` is a sequence of names or a string shorthand `"based*3,softmax"` (comma-separated
+  names, `*n` repeats a name); it is repeated to `depth`, which must be a multiple of its
+  length. Every name must be registered.
+  """
+  if isinstance(pattern, str):
+    names = []
+    for item in pattern.split(","):
+      name, _, count = item.strip().partition("*")
+      if not name or (count and not count.strip().isdigit()):
+        raise ValueError(f"layer_pattern item {item!r} must be 'name' or 'name*count'")
+      names += [name.strip()] * (int(count) if count else 1)
+  else:
+    names = list(pattern)
+  if not names or depth < 1 or depth % len(names):
+    raise ValueError(
+      f"depth={depth} must be a positive multiple of the layer_pattern length {len(names)} "
+      f"(layer_pattern={pattern!r})"
+    )
+  known = registry.names()
+  unknown = sorted({n for n in names if n not in known})
+  if unknown:
+    raise ValueError(f"layer_pattern names unknown variants {unknown}; registered: {known}")
+  return tuple(names * (depth // len(names)))
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: `x + mixer(norm(x))`, then `x + mlp(norm(x))` if `mlp_dim`."""
+
+  def __init__(self, embed_dim: int, mlp_dim: int, mixer: nnx.Module, *, rngs, dtype):
+    self.mixer_norm = RMSNorm(embed_dim, rngs=rngs)
+    self.mixer = mixer
+    self.mlp_norm = RMSNorm(embed_dim, rngs=rngs) if mlp_dim else None
+    self.mlp = SwiGLU(embed_dim, mlp_dim, rngs=rngs, dtype=dtype) if mlp_dim else None
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids).astype(x.dtype)
+    if self.mlp is not None:
+      x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+    return x
+
+
+class DecoderLM(nnx.Module):
+  """Token ids `[batch, seq]` -> float32 logits `[batch, seq, vocab]`.
+
+  Args:
+    vocab_size, embed_dim, depth: sizes; `mlp_dim=0` drops the MLP (Zoology's MQAR models).
+    num_heads, num_kv_heads, head_dim: passed to every mixer.
+    layer_pattern: mixer names, see `parse_layer_pattern`.
+    mixer_options: per-variant keyword options, `{"sliding_window": {"window": 16}}`.
+    tie_embeddings: logits use the embedding matrix (else a separate `head [embed, vocab]`).
+    dtype: activation dtype (parameters stay float32).
+  """
+
+  def __init__(
+    self,
+    *,
+    vocab_size: int,
+    embed_dim: int,
+    depth: int,
+    num_heads: int,
+    mlp_dim: int,
+    rngs: nnx.Rngs,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    layer_pattern: str | Sequence[str] = ("softmax",),
+    mixer_options: Mapping[str, Mapping] | None = None,
+    tie_embeddings: bool = True,
+    dtype=jnp.float32,
+  ):
+    self.layer_names = parse_layer_pattern(layer_pattern, depth)
+    mixer_options = dict(mixer_options or {})
+    unused = sorted(set(mixer_options) - set(self.layer_names))
+    if unused:
+      raise ValueError(f"mixer_options names {unused}, which no layer of {self.layer_names} uses")
+    self.dtype = dtype
+    # Unit-norm rows: tied logits `norm(x) @ embed.T` start with unit scale.
+    self.embed = param(
+      rngs, nnx.initializers.normal(embed_dim**-0.5), (vocab_size, embed_dim), ("vocab", "embed")
+    )
+    blocks = []
+    for name in self.layer_names:
+      mixer = registry.mixer_class(name)(
+        embed_dim,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        variant=name,
+        rngs=rngs,
+        **mixer_options.get(name, {}),
+      )
+      blocks.append(Block(embed_dim, mlp_dim, mixer, rngs=rngs, dtype=dtype))
+    self.blocks = nnx.List(blocks)
+    self.final_norm = RMSNorm(embed_dim, rngs=rngs)
+    self.head = (
+      None
+      if tie_embeddings
+      else param(
+        rngs, nnx.initializers.normal(embed_dim**-0.5), (embed_dim, vocab_size), ("embed", "vocab")
+      )
+    )
+
+  def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    """`tokens` int `[batch, seq]`, `segment_ids` int `[batch, seq]` -> `[batch, seq, vocab]`."""
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    for block in self.blocks:
+      x = block(x, segment_ids=segment_ids)
+    x = self.final_norm(x)
+    head = self.embed[...].T if self.head is None else self.head[...]
+    return jnp.einsum("btd,dv->btv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)

@@ -1,0 +1,48 @@
+"""MQAR (Zoology's multi-query associative recall) with any registered attention variant.
+
+    python train.py --config=configs/mqar.py:softmax --workdir=/tmp/mqar
+
+Presets: every registered variant name puts that variant in both layers (with the options of
+`VARIANT_OPTIONS`); `hybrid_<name>` alternates `<name>` and `softmax` layers. Task: seq_len
+64, 4 key-value pairs, vocabulary 256; a 2-layer, width-64 model without MLP (Zoology's MQAR
+models), 800 steps of 64 sequences.
+Hardware and time: a 2-core CPU shared with other jobs; the `softmax` preset took 85 s wall
+(78 s of training) when measured.
+Expected result: `softmax` prints a final eval accuracy >= 0.9 (measured: 1.000 on 1,024
+held-out answers; 0.996 already at step 400). `sliding_window` (window 8) cannot see keys
+outside its window and stays far lower.
+"""
+
+from attnjax import registry
+from attnjax.training.config import default_config, lock
+
+# Options of variants whose defaults do not suit 64-token sequences.
+VARIANT_OPTIONS = {
+  "sliding_window": {"window": 8},
+  "chunked": {"chunk_size": 16},
+  "prefix_lm": {"prefix_len": 8},
+  "maxvit": {"spatial_shape": (8, 8), "window_size": 4},  # 64 tokens = 8 x 8
+}
+HYBRID_PREFIX = "hybrid_"
+
+
+def get_config(preset: str = "softmax"):
+  config = default_config()
+  config.train.steps = 800
+  config.train.batch_size = 64
+  config.train.learning_rate = 3e-3
+  config.train.warmup_steps = 50
+  config.train.log_every = 20
+  config.train.eval_every = 200
+  config.train.checkpoint_every = 200
+  config.eval.evaluators = ("loss", "mqar_accuracy")
+  name = preset.removeprefix(HYBRID_PREFIX)
+  if name not in registry.names():
+    raise ValueError(
+      f"unknown preset {preset!r}; presets: the registered variants {registry.names()}, "
+      f"each also as {HYBRID_PREFIX}<name>"
+    )
+  config.model.layer_pattern = f"{name},softmax" if preset.startswith(HYBRID_PREFIX) else name
+  if name in VARIANT_OPTIONS:
+    config.model.mixer_options = {name: VARIANT_OPTIONS[name]}
+  return lock(config)

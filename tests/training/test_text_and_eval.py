@@ -1,0 +1,63 @@
+"""Text LM training on the bundled corpus, and eval.py on finished runs."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import eval as eval_main
+import train
+from attnjax.training.metrics import read_metrics
+from configs import text_lm
+from tests.training.tiny import tiny_config
+
+
+def tiny_text_config(data_dir):
+  config = text_lm.get_config()
+  config.model.update(dict(embed_dim=32, depth=1, num_heads=2, mlp_dim=64))
+  config.data.text.update(dict(seq_len=64, data_dir=data_dir))
+  config.train.update(
+    dict(steps=30, batch_size=8, learning_rate=1e-2, warmup_steps=5, log_every=1, eval_every=30)
+  )
+  config.eval.update(dict(batch_size=8, num_batches=1, passkey_lengths=(32, 64)))
+  config.eval.evaluators = ("loss", "length_extrapolation", "passkey")
+  return config
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("text_run")
+  config = tiny_text_config(str(tmp_path_factory.mktemp("tfds")))
+  train.run(config, str(workdir))
+  return config, str(workdir)
+
+
+def test_text_loss_decreases_over_30_steps(text_run):
+  _, workdir = text_run
+  losses = [m["train/loss"] for m in read_metrics(workdir) if "train/loss" in m]
+  assert len(losses) == 30
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+
+
+def test_eval_writes_curves_and_plot(text_run):
+  config, workdir = text_run
+  results = eval_main.run(config, workdir)
+  assert results["step"] == 30
+  curve = results["length_extrapolation"]
+  assert curve["train_seq_len"] == 64 and max(curve["position"]) > 3 * 64
+  assert all(np.isfinite(curve["loss"]))
+  assert results["passkey"]["seq_len"] == [32, 64] and len(results["passkey"]["accuracy"]) == 2
+  with open(os.path.join(workdir, "eval.json")) as f:
+    assert json.load(f)["loss"]["loss"] == pytest.approx(results["loss"]["loss"])
+  assert os.path.getsize(os.path.join(workdir, "eval.png")) > 1000
+
+
+def test_eval_restores_the_saved_config_of_a_run(mqar_run, tmp_path):
+  results = eval_main.run(eval_main.load_run_config(mqar_run), mqar_run)
+  assert results["step"] == 30
+  final_eval = [m for m in read_metrics(mqar_run) if "eval/accuracy" in m][-1]
+  assert results["loss"]["accuracy"] == pytest.approx(final_eval["eval/accuracy"])
+  assert 0 <= results["mqar_accuracy"]["accuracy"] <= 1
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    eval_main.run(tiny_config(), str(tmp_path / "empty"))
