@@ -3,9 +3,10 @@
 The tiles of a `BlockMask` are packed into `lanes`: each lane runs a sequence of
 (query block, kv block) tiles, whole query-block rows one after another, and one `lax.scan`
 step advances every lane by one tile. Rows are assigned to lanes longest first onto the
-least-loaded lane (LPT scheduling), with as many lanes as the longest row allows, so the
-scan length is about (live tiles) / lanes and empty tiles cost nothing: a causal mask does
-about half the work of a full one and a 12.5%-dense mask an eighth.
+least-loaded lane (LPT scheduling), with as many lanes as the longest row and a memory
+budget for the per-step logits allow, so the scan length is about (live tiles) / lanes and
+empty tiles cost nothing: a causal mask does about half the work of a full one and a
+12.5%-dense mask an eighth.
 
 Within a lane the online softmax of FlashAttention (Dao et al. 2022; Dao 2023, FA-2) runs
 over the row's kv tiles and is reset at each row's first tile; a row's output is written
@@ -26,6 +27,8 @@ import numpy as np
 
 from attnjax import masks as masks_lib
 from attnjax.ops.common import QKVShape
+
+LOGITS_BUDGET_BYTES = 16 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +80,14 @@ class Schedule:
     return self.row.shape[1]
 
 
-def make_schedule(bm: masks_lib.BlockMask) -> Schedule:
-  """Packs the rows of `bm` into lanes, choosing the lane count that wastes the fewest steps."""
+def make_schedule(bm: masks_lib.BlockMask, max_lanes: int | None = None) -> Schedule:
+  """Packs the rows of `bm` into at most `max_lanes` lanes, wasting the fewest steps."""
   counts = bm.kv_counts.reshape(-1)
   rows = [int(r) for r in np.argsort(-counts, kind="stable") if counts[r] > 0]
   longest = int(counts.max(initial=0))
-  fewest = max(1, min(len(rows), int(counts.sum()) // max(longest, 1)))
-  candidates = {min(len(rows), n) for n in (fewest, fewest + 1, fewest + 2, len(rows))}
+  limit = max(1, min(len(rows), max_lanes or len(rows)))
+  fewest = max(1, min(limit, int(counts.sum()) // max(longest, 1)))
+  candidates = {min(limit, n) for n in (fewest, fewest + 1, fewest + 2, limit)}
   plans = [_pack_rows(rows, counts, max(n, 1)) for n in sorted(candidates)]
   lane_rows, steps = min(plans, key=lambda plan: (plan[1] * len(plan[0]), plan[1]))
   lanes = len(lane_rows)
@@ -129,10 +133,9 @@ def _pack_rows(rows: list[int], counts: np.ndarray, lanes: int) -> tuple[list[li
 
 
 @functools.lru_cache(maxsize=64)
-def cached_schedule(mask, q_len, kv_len, block_q, block_kv, q_offset) -> Schedule:
-  return make_schedule(
-    masks_lib.block_mask(mask, q_len, kv_len, block_q, block_kv, q_offset=q_offset)
-  )
+def cached_schedule(mask, q_len, kv_len, block_q, block_kv, q_offset, max_lanes=None) -> Schedule:
+  bm = masks_lib.block_mask(mask, q_len, kv_len, block_q, block_kv, q_offset=q_offset)
+  return make_schedule(bm, max_lanes)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -174,8 +177,13 @@ def attention(
 ) -> tuple[jax.Array, jax.Array]:
   """Same function and arguments as `reference.attention`; memory linear in sequence length."""
   blocks = (block_sizes or BlockSizes()).fit(shape.q_len, shape.kv_len)
+  # Each lane holds float32 logits [batch, heads, block_q, block_kv] per step; past a few
+  # MiB of them a step is memory-bound (measured on CPU: 2 lanes of 8 MiB beat 16 lanes by
+  # 2.4x per tile), so lanes are capped by this budget and the scan runs longer instead.
+  lane_bytes = 4 * shape.batch * shape.heads * blocks.block_q * blocks.block_kv
+  max_lanes = max(1, LOGITS_BUDGET_BYTES // lane_bytes)
   schedule = cached_schedule(
-    mask, shape.q_len, shape.kv_len, blocks.block_q, blocks.block_kv, q_offset
+    mask, shape.q_len, shape.kv_len, blocks.block_q, blocks.block_kv, q_offset, max_lanes
   )
   cfg = _Config(
     schedule=schedule,
