@@ -1,0 +1,143 @@
+"""NNX mixers of the local-attention variants (neighborhood, halo, maxvit, biformer).
+
+`LocalAttention` projects `[batch, seq, embed]` tokens to heads, views the sequence as a
+`spatial_shape` grid (row-major; None: a 1-D sequence), calls the registered op and projects
+back. `MultiAxisAttention` is MaxViT's pair of sublayers: block attention, then grid attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnjax import registry
+from attnjax.nn.attention import resolve_heads
+from attnjax.nn.norm import RMSNorm
+from attnjax.nn.params import fan_in_init, param
+from attnjax.nn.rope import apply_rope
+
+
+class LocalAttention(nnx.Module):
+  """Projections around a registered local-attention op: `[batch, seq, embed] -> same`.
+
+  Parameters (logical axes): `q [embed, heads, head_dim]`, `k`, `v [embed, kv_heads,
+  head_dim]`, `out [heads, head_dim, embed]`. `spatial_shape` (e.g. `(h, w)` for an image of
+  `h * w` patch tokens) must multiply to the sequence length; None treats the sequence as one
+  axis of a language model: `use_rope` (default on for 1-D) adds rotary positions and
+  `neighborhood` is causal unless `is_causal` is given. `variant_options` go to the op on
+  every call (e.g. `kernel_size=7, dilation=2` for `neighborhood`).
+  """
+
+  def __init__(
+    self,
+    embed_dim: int,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    variant: str = "neighborhood",
+    rngs: nnx.Rngs,
+    spatial_shape: tuple[int, ...] | None = None,
+    use_rope: bool | None = None,
+    rope_base: float = 10_000.0,
+    impl: str = "auto",
+    dtype=jnp.float32,
+    **variant_options,
+  ):
+    num_kv_heads, head_dim = resolve_heads(embed_dim, num_heads, num_kv_heads, head_dim)
+    if registry.get(variant).family != "neighborhood":
+      raise ValueError(f"LocalAttention runs local-attention variants, got variant={variant!r}")
+    self.spatial_shape = None if spatial_shape is None else tuple(spatial_shape)
+    self.use_rope = spatial_shape is None if use_rope is None else use_rope
+    if self.use_rope and (spatial_shape is not None or head_dim % 2):
+      raise ValueError(
+        f"use_rope needs a 1-D sequence (spatial_shape=None) and an even head_dim, got "
+        f"spatial_shape={spatial_shape}, head_dim={head_dim}"
+      )
+    self.variant = variant
+    self.impl = impl
+    self.rope_base = rope_base
+    self.dtype = dtype
+    if spatial_shape is None and variant == "neighborhood":
+      variant_options.setdefault("is_causal", True)
+    self.variant_options = tuple(sorted(variant_options.items()))  # static, hashable
+    self.q = param(
+      rngs, fan_in_init(), (embed_dim, num_heads, head_dim), ("embed", "heads", "head_dim")
+    )
+    kv_axes = ("embed", "kv_heads", "head_dim")
+    self.k = param(rngs, fan_in_init(), (embed_dim, num_kv_heads, head_dim), kv_axes)
+    self.v = param(rngs, fan_in_init(), (embed_dim, num_kv_heads, head_dim), kv_axes)
+    self.out = param(
+      rngs, fan_in_init(2), (num_heads, head_dim, embed_dim), ("heads", "head_dim", "embed")
+    )
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    """`x [batch, seq, embed]` -> `[batch, seq, embed]`; packed sequences are not supported."""
+    if segment_ids is not None:
+      raise ValueError(f"variant {self.variant!r} does not support segment_ids (packed input)")
+    if x.ndim != 3 or x.shape[-1] != self.q.shape[0]:
+      raise ValueError(f"x must be [batch, seq, embed={self.q.shape[0]}], got shape {x.shape}")
+    spatial = self.spatial_shape or (x.shape[1],)
+    if math.prod(spatial) != x.shape[1]:
+      raise ValueError(
+        f"x has {x.shape[1]} tokens but spatial_shape={spatial} needs {math.prod(spatial)}"
+      )
+    x = x.astype(self.dtype)
+    q, k, v = (
+      jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype)) for w in (self.q, self.k, self.v)
+    )
+    if self.use_rope:
+      positions = jnp.arange(x.shape[1])
+      q = apply_rope(q, positions, base=self.rope_base)
+      k = apply_rope(k, positions, base=self.rope_base)
+    q, k, v = (t.reshape(t.shape[0], *spatial, *t.shape[2:]) for t in (q, k, v))
+    out = registry.get(self.variant)(q, k, v, impl=self.impl, **dict(self.variant_options))
+    out = out.reshape(x.shape[0], x.shape[1], *out.shape[-2:])
+    return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))
+
+
+class MultiAxisAttention(nnx.Module):
+  """MaxViT multi-axis attention (Tu et al. 2022, arXiv 2204.01697) as one mixer.
+
+  Block attention over `window_size` windows, then grid attention over a `window_size` grid,
+  each a pre-norm residual sublayer with its own projections:
+  `h = x + block(x)`, result `h + grid(norm(h)) - x` (the update; the enclosing block adds x).
+  """
+
+  def __init__(
+    self,
+    embed_dim: int,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    variant: str = "maxvit",
+    rngs: nnx.Rngs,
+    spatial_shape: tuple[int, ...],
+    window_size: int | tuple[int, ...] = 7,
+    impl: str = "auto",
+    dtype=jnp.float32,
+  ):
+    shared = dict(
+      num_heads=num_heads,
+      num_kv_heads=num_kv_heads,
+      head_dim=head_dim,
+      variant=variant,
+      rngs=rngs,
+      spatial_shape=spatial_shape,
+      window_size=window_size,
+      impl=impl,
+      dtype=dtype,
+    )
+    self.block = LocalAttention(embed_dim, partition="block", **shared)
+    self.grid_norm = RMSNorm(embed_dim, rngs=rngs)
+    self.grid = LocalAttention(embed_dim, partition="grid", **shared)
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    """`x [batch, seq, embed]` -> the update `[batch, seq, embed]`."""
+    block_update = self.block(x, segment_ids=segment_ids)
+    hidden = x + block_update.astype(x.dtype)
+    return block_update + self.grid(self.grid_norm(hidden), segment_ids=segment_ids)

@@ -1,0 +1,169 @@
+"""`neighborhood_attention` and `local_attention`: local softmax attention over 1-3 spatial axes.
+
+Both validate their arguments, turn them into per-axis windows (`window.py`) and dispatch by
+`impl=` over the same table: "reference" (dense masked, float32), "xla" (tiled, custom VJP),
+"pallas" / "pallas_interpret" (the fused kernel of `kernels_pallas.neighborhood`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from attnjax import registry
+from attnjax.ops.common import check_qkv, resolve_scale
+from attnjax.ops.neighborhood import blockwise, kernel, reference, window
+
+IMPLS = {
+  "reference": reference.attention,
+  "xla": blockwise.attention,
+  "pallas": kernel.attention,
+  "pallas_interpret": kernel.attention_interpret,
+}
+
+
+def neighborhood_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  kernel_size: int | tuple[int, ...],
+  dilation: int | tuple[int, ...] = 1,
+  is_causal: bool | tuple[bool, ...] = False,
+  scale: float | None = None,
+  impl: str = "auto",
+  block_sizes: blockwise.BlockSizes | None = None,
+) -> jax.Array:
+  """Neighborhood attention (NATTEN semantics) over `[batch, *spatial, heads, head_dim]`.
+
+  Hassani et al. 2023, "Neighborhood Attention Transformer" (arXiv 2204.07143); dilation from
+  Hassani & Shi 2022, "Dilated Neighborhood Attention Transformer" (arXiv 2209.15001).
+  Along every axis a query attends to exactly `kernel_size` neighbors of its dilation group
+  (`position % dilation`), centered on it and shifted inward at the borders, so every query
+  sees the same number of keys; with `is_causal` on an axis, only neighbors at or before it.
+
+  Args:
+    q: `[batch, *spatial, heads, head_dim]` with 1, 2 or 3 spatial axes.
+    k: `[batch, *spatial, kv_heads, head_dim]`; `heads % kv_heads == 0` (GQA by shape).
+    v: `[batch, *spatial, kv_heads, value_dim]`.
+    kernel_size: odd window size, one int for every axis or one per axis.
+    dilation: int or per-axis; `kernel_size * dilation` must not exceed the axis size.
+    is_causal: bool or per-axis.
+    scale: logit scale; None means `head_dim ** -0.5`.
+    impl: "reference" | "xla" | "pallas" | "pallas_interpret" | "auto".
+    block_sizes: tile shape of the tiled implementations (None: a default per impl).
+
+  Returns:
+    `[batch, *spatial, heads, value_dim]` in q's dtype.
+  """
+  spatial = check_spatial_qkv(q, k, v)
+  n = len(spatial)
+  windows = tuple(
+    window.Neighborhood(size, dil, causal)
+    for size, dil, causal in zip(
+      per_axis("kernel_size", kernel_size, n, int),
+      per_axis("dilation", dilation, n, int),
+      per_axis("is_causal", is_causal, n, bool),
+      strict=True,
+    )
+  )
+  return local_attention(q, k, v, windows=windows, scale=scale, impl=impl, block_sizes=block_sizes)
+
+
+def local_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  windows: tuple[window.AxisWindow, ...],
+  scale: float | None = None,
+  impl: str = "auto",
+  block_sizes: blockwise.BlockSizes | None = None,
+) -> jax.Array:
+  """Softmax attention under the separable mask `windows` (one `window.AxisWindow` per axis).
+
+  The shared entry point of neighborhood, HaloNet and MaxViT attention; shapes and `impl` as
+  in `neighborhood_attention`.
+  """
+  spatial = check_spatial_qkv(q, k, v)
+  if len(windows) != len(spatial):
+    raise ValueError(f"need one window per spatial axis {spatial}, got {len(windows)} windows")
+  for axis, (length, axis_window) in enumerate(zip(spatial, windows, strict=True)):
+    axis_window.check(length, axis)
+  return registry.dispatch(
+    IMPLS,
+    impl,
+    q,
+    k,
+    v,
+    windows=tuple(windows),
+    scale=resolve_scale(scale, q.shape[-1]),
+    block_sizes=block_sizes,
+  )
+
+
+def check_spatial_qkv(q, k, v) -> tuple[int, ...]:
+  """Validates `[batch, *spatial, heads, dim]` inputs with 1-3 equal spatial axes."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not 4 <= x.ndim <= 6:
+      raise ValueError(
+        f"{name} must be [batch, *spatial, heads, head_dim] with 1 to 3 spatial axes, got "
+        f"shape {x.shape}"
+      )
+  spatial = q.shape[1:-2]
+  for name, x in (("k", k), ("v", v)):
+    if x.shape[1:-2] != spatial:
+      raise ValueError(
+        f"{name} must have q's spatial shape {spatial} ([batch, *spatial, heads, dim]), got "
+        f"shape {x.shape}"
+      )
+  flat = [x.reshape(x.shape[0], -1, *x.shape[-2:]) for x in (q, k, v)]
+  check_qkv(*flat)
+  return spatial
+
+
+def per_axis(name: str, value, n: int, kind: type) -> tuple:
+  values = tuple(value) if isinstance(value, tuple | list) else (value,) * n
+  if len(values) != n:
+    raise ValueError(f"{name} needs 1 or {n} values (one per spatial axis), got {name}={value!r}")
+  for x in values:
+    ok = isinstance(x, bool) if kind is bool else isinstance(x, int) and not isinstance(x, bool)
+    if not ok:
+      raise ValueError(f"{name} must be {kind.__name__} or a tuple of them, got {name}={value!r}")
+  return values
+
+
+def register_local(
+  name,
+  op,
+  paper,
+  description,
+  module="attnjax.nn.local:LocalAttention",
+  impls=IMPLS,
+  defaults=None,
+):
+  """Registers a local-attention variant whose `op` dispatches over `impls`."""
+  registry.register(
+    registry.Variant(
+      name=name,
+      family="neighborhood",
+      paper=paper,
+      reference=functools.partial(op, impl="reference"),
+      impls={impl: functools.partial(op, impl=impl) for impl in impls},
+      op=op,
+      module=module,
+      capabilities=frozenset({"gqa", "spatial"}),
+      defaults=defaults or {},
+      description=description,
+    )
+  )
+
+
+register_local(
+  "neighborhood",
+  neighborhood_attention,
+  "Hassani et al. 2023, Neighborhood Attention Transformer (arXiv 2204.07143)",
+  "NATTEN neighborhoods in 1-3 D: kernel_size, dilation, causal per axis",
+  defaults={"kernel_size": 7},
+)

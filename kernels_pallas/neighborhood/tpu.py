@@ -1,0 +1,415 @@
+"""Tile-sparse flash attention for TPU (Mosaic): the kernel of local / neighborhood attention.
+
+The sequence is laid out tile-major (`T` consecutive rows form one multi-dimensional spatial
+tile) and a static `TileSchedule` lists, for every query tile, the key tiles it reaches and a
+boolean tile per (query tile, key tile) pair, deduplicated in `mask_table`. The forward kernel
+walks that list with an online softmax (grid `[batch, heads, query tiles, steps]`, the key tile
+of each step chosen by scalar-prefetched indices); the backward pass is two kernels, one over
+the same list for dq and one over the transposed list for dk and dv (GQA heads summed in the
+grid). Joined by `jax.custom_vjp`; `interpret=True` (or `pltpu.InterpretParams()`) runs it on
+CPU.
+
+The schedule is computed by `attnjax.ops.neighborhood.window.tile_plan`, and the kernel must
+equal `attnjax.ops.neighborhood.reference.attention` on the same windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static kernel argument
+class TileSchedule:
+  """Which key tiles each query tile visits, and under which boolean tile.
+
+  Attributes:
+    kv_tiles: int32 `[num_tiles, steps]`, key tiles per query tile (padding repeats the last).
+    kv_counts: int32 `[num_tiles]`, how many of `kv_tiles` are real.
+    mask_ids: int32 `[num_tiles, steps]`, row of `mask_table` for each step.
+    q_tiles: int32 `[num_tiles, steps_t]`, query tiles per key tile (the transposed list).
+    q_counts: int32 `[num_tiles]`.
+    mask_ids_t: int32 `[num_tiles, steps_t]`, row of `mask_table` for each transposed step.
+    mask_table: bool `[num_masks, T, T]`, query x key.
+  """
+
+  kv_tiles: np.ndarray
+  kv_counts: np.ndarray
+  mask_ids: np.ndarray
+  q_tiles: np.ndarray
+  q_counts: np.ndarray
+  mask_ids_t: np.ndarray
+  mask_table: np.ndarray
+
+  def __post_init__(self):
+    n = self.kv_counts.shape[0]
+    for name in ("kv_tiles", "mask_ids", "q_tiles", "mask_ids_t"):
+      if getattr(self, name).ndim != 2 or getattr(self, name).shape[0] != n:
+        raise ValueError(
+          f"TileSchedule.{name} must be [num_tiles={n}, steps], got {getattr(self, name).shape}"
+        )
+    if self.mask_table.ndim != 3 or self.mask_table.shape[1] != self.mask_table.shape[2]:
+      raise ValueError(
+        f"TileSchedule.mask_table must be [masks, T, T], got {self.mask_table.shape}"
+      )
+
+  @property
+  def num_tiles(self) -> int:
+    return self.kv_counts.shape[0]
+
+  @property
+  def tile_size(self) -> int:
+    return self.mask_table.shape[1]
+
+
+def tile_sparse_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  schedule: TileSchedule,
+  *,
+  scale: float,
+  interpret: bool | pltpu.InterpretParams = False,
+) -> jax.Array:
+  """Softmax attention of each query tile over its scheduled key tiles.
+
+  Args:
+    q: `[batch, heads, N, head_dim]`, N = `schedule.num_tiles * schedule.tile_size`.
+    k: `[batch, kv_heads, N, head_dim]`; `heads % kv_heads == 0`.
+    v: `[batch, kv_heads, N, value_dim]`.
+    schedule: the static tile lists (see `TileSchedule`).
+    scale: logit scale.
+    interpret: run in the Pallas interpreter (True, or `pltpu.InterpretParams()`).
+
+  Returns:
+    `[batch, heads, N, value_dim]` in q's dtype; a row with no allowed key is zero.
+  """
+  n = schedule.num_tiles * schedule.tile_size
+  if q.ndim != 4 or q.shape[2] != n:
+    raise ValueError(f"q must be [batch, heads, N={n}, head_dim], got shape {q.shape}")
+  if k.ndim != 4 or k.shape[0] != q.shape[0] or k.shape[2:] != (n, q.shape[3]):
+    raise ValueError(
+      f"k must be [batch={q.shape[0]}, kv_heads, N={n}, head_dim={q.shape[3]}], got {k.shape}"
+    )
+  if v.ndim != 4 or v.shape[:3] != k.shape[:3]:
+    raise ValueError(
+      f"v must be [batch, kv_heads, N, value_dim] = {k.shape[:3]} + (dv,), got {v.shape}"
+    )
+  if q.shape[1] % k.shape[1]:
+    raise ValueError(f"q heads {q.shape[1]} must be a multiple of k heads {k.shape[1]}")
+  return _attention(q, k, v, schedule, float(scale), interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attention(q, k, v, schedule, scale, interpret):
+  return _forward(q, k, v, schedule, scale, interpret)[0]
+
+
+def _attention_fwd(q, k, v, schedule, scale, interpret):
+  out, lse = _forward(q, k, v, schedule, scale, interpret)
+  return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(schedule, scale, interpret, residuals, d_out):
+  q, k, v, out, lse = residuals
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
+  d_q = _backward_dq(q, k, v, d_out, lse, delta, schedule, scale, interpret)
+  d_k, d_v = _backward_dkv(q, k, v, d_out, lse, delta, schedule, scale, interpret)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _flat(a: np.ndarray) -> jax.Array:
+  # Scalar prefetch lives in SMEM, where 1-D arrays pad least.
+  return jnp.asarray(a, jnp.int32).reshape(-1)
+
+
+def _mask_table(schedule: TileSchedule) -> jax.Array:
+  # int8: a quarter of the DMA traffic of int32 per [T, T] mask tile.
+  return jnp.asarray(schedule.mask_table, jnp.int8)
+
+
+def _probs(q, k, mask, lse, scale):
+  """Recomputed probabilities `[Tq, Tk]` of one tile pair from the saved log-sum-exp."""
+  logits = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
+  allowed = mask != 0
+  safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  return jnp.where(allowed, jnp.exp(jnp.where(allowed, logits, 0.0) - safe_lse), 0.0)
+
+
+def _forward(q, k, v, schedule, scale, interpret):
+  batch, heads, n, head_dim = q.shape
+  groups, value_dim = heads // k.shape[1], v.shape[3]
+  tile, steps = schedule.tile_size, schedule.kv_tiles.shape[1]
+
+  def q_map(b, h, i, s, kv, counts, ids):
+    return b, h, i, 0
+
+  def kv_map(b, h, i, s, kv, counts, ids):
+    # lax.div, not //: jnp floor division lowers via `sign`, which asks for the TPU generation.
+    return b, lax.div(h, groups), kv[i * steps + s], 0
+
+  def mask_map(b, h, i, s, kv, counts, ids):
+    return ids[i * steps + s], 0, 0
+
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+    num_scalar_prefetch=3,
+    grid=(batch, heads, schedule.num_tiles, steps),
+    in_specs=[
+      pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, head_dim), q_map),
+      pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, head_dim), kv_map),
+      pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, value_dim), kv_map),
+      pl.BlockSpec((pl.Squeezed(), tile, tile), mask_map),
+    ],
+    out_specs=[
+      pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, value_dim), q_map),
+      pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, 1), q_map),
+    ],
+    scratch_shapes=[
+      pltpu.VMEM((tile, 1), jnp.float32),
+      pltpu.VMEM((tile, 1), jnp.float32),
+      pltpu.VMEM((tile, value_dim), jnp.float32),
+    ],
+  )
+  return pl.pallas_call(
+    functools.partial(_forward_kernel, scale=scale, steps=steps),
+    grid_spec=grid_spec,
+    out_shape=[
+      jax.ShapeDtypeStruct((batch, heads, n, value_dim), q.dtype),
+      jax.ShapeDtypeStruct((batch, heads, n, 1), jnp.float32),
+    ],
+    compiler_params=pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+    ),
+    interpret=interpret,
+  )(
+    _flat(schedule.kv_tiles),
+    _flat(schedule.kv_counts),
+    _flat(schedule.mask_ids),
+    q,
+    k,
+    v,
+    _mask_table(schedule),
+  )
+
+
+def _forward_kernel(
+  kv_ref, counts_ref, ids_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc,
+  *, scale, steps,
+):  # fmt: skip
+  del kv_ref, ids_ref  # used by the index maps
+  i, s = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(s == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  @pl.when(s < counts_ref[i])
+  def _step():
+    allowed = mask_ref[...] != 0
+    logits = lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=jnp.float32)
+    logits = jnp.where(allowed, logits * scale, -jnp.inf)
+    m_prev = m_sc[...]
+    m_new = jnp.maximum(m_prev, logits.max(-1, keepdims=True))
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    probs = jnp.where(allowed, jnp.exp(logits - shift), 0.0)
+    alpha = jnp.exp(m_prev - shift)
+    l_sc[...] = alpha * l_sc[...] + probs.sum(-1, keepdims=True)
+    pv = lax.dot_general(
+      probs.astype(v_ref.dtype), v_ref[...], _NN, preferred_element_type=jnp.float32
+    )
+    acc_sc[...] = alpha * acc_sc[...] + pv
+    m_sc[...] = m_new
+
+  @pl.when(s == steps - 1)
+  def _finish():
+    denom = l_sc[...]
+    safe_denom = jnp.where(denom > 0, denom, 1.0)
+    o_ref[...] = (acc_sc[...] / safe_denom).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(denom > 0, m_sc[...] + jnp.log(safe_denom), -jnp.inf)
+
+
+def _backward_dq(q, k, v, d_out, lse, delta, schedule, scale, interpret):
+  batch, heads, n, head_dim = q.shape
+  groups, value_dim = heads // k.shape[1], v.shape[3]
+  tile, steps = schedule.tile_size, schedule.kv_tiles.shape[1]
+
+  def q_map(b, h, i, s, kv, counts, ids):
+    return b, h, i, 0
+
+  def kv_map(b, h, i, s, kv, counts, ids):
+    # lax.div, not //: jnp floor division lowers via `sign`, which asks for the TPU generation.
+    return b, lax.div(h, groups), kv[i * steps + s], 0
+
+  def mask_map(b, h, i, s, kv, counts, ids):
+    return ids[i * steps + s], 0, 0
+
+  rows = functools.partial(pl.BlockSpec, index_map=q_map)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+    num_scalar_prefetch=3,
+    grid=(batch, heads, schedule.num_tiles, steps),
+    in_specs=[
+      rows((pl.Squeezed(), pl.Squeezed(), tile, head_dim)),
+      pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, head_dim), kv_map),
+      pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, value_dim), kv_map),
+      pl.BlockSpec((pl.Squeezed(), tile, tile), mask_map),
+      rows((pl.Squeezed(), pl.Squeezed(), tile, value_dim)),
+      rows((pl.Squeezed(), pl.Squeezed(), tile, 1)),
+      rows((pl.Squeezed(), pl.Squeezed(), tile, 1)),
+    ],
+    out_specs=rows((pl.Squeezed(), pl.Squeezed(), tile, head_dim)),
+    scratch_shapes=[pltpu.VMEM((tile, head_dim), jnp.float32)],
+  )
+  return pl.pallas_call(
+    functools.partial(_dq_kernel, scale=scale, steps=steps),
+    grid_spec=grid_spec,
+    out_shape=jax.ShapeDtypeStruct((batch, heads, n, head_dim), jnp.float32),
+    compiler_params=pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+    ),
+    interpret=interpret,
+  )(
+    _flat(schedule.kv_tiles),
+    _flat(schedule.kv_counts),
+    _flat(schedule.mask_ids),
+    q,
+    k,
+    v,
+    _mask_table(schedule),
+    d_out,
+    lse,
+    delta,
+  )
+
+
+def _dq_kernel(
+  kv_ref, counts_ref, ids_ref, q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref,
+  dq_ref, dq_sc, *, scale, steps,
+):  # fmt: skip
+  del kv_ref, ids_ref  # used by the index maps
+  i, s = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(s == 0)
+  def _init():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+  @pl.when(s < counts_ref[i])
+  def _step():
+    probs = _probs(q_ref[...], k_ref[...], mask_ref[...], lse_ref[...], scale)
+    d_probs = lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=jnp.float32)
+    d_logits = probs * (d_probs - delta_ref[...])
+    dq_sc[...] += scale * lax.dot_general(
+      d_logits.astype(k_ref.dtype), k_ref[...], _NN, preferred_element_type=jnp.float32
+    )
+
+  @pl.when(s == steps - 1)
+  def _finish():
+    dq_ref[...] = dq_sc[...]
+
+
+def _backward_dkv(q, k, v, d_out, lse, delta, schedule, scale, interpret):
+  batch, kv_heads, n, head_dim = k.shape
+  groups, value_dim = q.shape[1] // kv_heads, v.shape[3]
+  tile, steps = schedule.tile_size, schedule.q_tiles.shape[1]
+
+  def kv_map(b, h, j, g, s, qt, counts, ids):
+    return b, h, j, 0
+
+  def q_map(b, h, j, g, s, qt, counts, ids):
+    return b, h * groups + g, qt[j * steps + s], 0
+
+  def mask_map(b, h, j, g, s, qt, counts, ids):
+    return ids[j * steps + s], 0, 0
+
+  rows = functools.partial(pl.BlockSpec, index_map=q_map)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+    num_scalar_prefetch=3,
+    grid=(batch, kv_heads, schedule.num_tiles, groups, steps),
+    in_specs=[
+      rows((pl.Squeezed(), pl.Squeezed(), tile, head_dim)),
+      pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, head_dim), kv_map),
+      pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, value_dim), kv_map),
+      pl.BlockSpec((pl.Squeezed(), tile, tile), mask_map),
+      rows((pl.Squeezed(), pl.Squeezed(), tile, value_dim)),
+      rows((pl.Squeezed(), pl.Squeezed(), tile, 1)),
+      rows((pl.Squeezed(), pl.Squeezed(), tile, 1)),
+    ],
+    out_specs=[
+      pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, head_dim), kv_map),
+      pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, value_dim), kv_map),
+    ],
+    scratch_shapes=[
+      pltpu.VMEM((tile, head_dim), jnp.float32),
+      pltpu.VMEM((tile, value_dim), jnp.float32),
+    ],
+  )
+  return pl.pallas_call(
+    functools.partial(_dkv_kernel, scale=scale, steps=steps, groups=groups),
+    grid_spec=grid_spec,
+    out_shape=[
+      jax.ShapeDtypeStruct((batch, kv_heads, n, head_dim), jnp.float32),
+      jax.ShapeDtypeStruct((batch, kv_heads, n, value_dim), jnp.float32),
+    ],
+    compiler_params=pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
+    ),
+    interpret=interpret,
+  )(
+    _flat(schedule.q_tiles),
+    _flat(schedule.q_counts),
+    _flat(schedule.mask_ids_t),
+    q,
+    k,
+    v,
+    _mask_table(schedule),
+    d_out,
+    lse,
+    delta,
+  )
+
+
+def _dkv_kernel(
+  qt_ref, counts_ref, ids_ref, q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref,
+  dk_ref, dv_ref, dk_sc, dv_sc, *, scale, steps, groups,
+):  # fmt: skip
+  del qt_ref, ids_ref  # used by the index maps
+  j, g, s = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+
+  @pl.when((g == 0) & (s == 0))
+  def _init():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+  @pl.when(s < counts_ref[j])
+  def _step():
+    # Query-major [Tq, Tk] tiles, so lse and delta stay columns; the key side contracts dim 0.
+    probs = _probs(q_ref[...], k_ref[...], mask_ref[...], lse_ref[...], scale)
+    d_out = do_ref[...]
+    dv_sc[...] += lax.dot_general(
+      probs.astype(d_out.dtype), d_out, _TN, preferred_element_type=jnp.float32
+    )
+    d_probs = lax.dot_general(d_out, v_ref[...], _NT, preferred_element_type=jnp.float32)
+    d_logits = probs * (d_probs - delta_ref[...])
+    dk_sc[...] += scale * lax.dot_general(
+      d_logits.astype(q_ref.dtype), q_ref[...], _TN, preferred_element_type=jnp.float32
+    )
+
+  @pl.when((g == groups - 1) & (s == steps - 1))
+  def _finish():
+    dk_ref[...] = dk_sc[...]
+    dv_ref[...] = dv_sc[...]
