@@ -21,8 +21,13 @@ VARIANT_OPTIONS = {
   "sliding_window": {"window": 8},
   "chunked": {"chunk_size": 16},
   "prefix_lm": {"prefix_len": 8},
-  "maxvit": {"spatial_shape": (8, 8), "window_size": 4},  # 64 tokens = 8 x 8
+  "sinks": {"num_sink_tokens": 1},
+  "softplus": {"train_len": 64},
+  "diffqkv": {"num_k_heads": 1, "q_aug_dim": 64},
+  "disentangled": {"causal": True},  # DeBERTa is bidirectional; an LM must not see the answers
 }
+# Bidirectional vision mixers: as LM mixers they would see future tokens (the answers).
+NOT_CAUSAL = frozenset({"halo", "maxvit", "biformer"})
 HYBRID_PREFIX = "hybrid_"
 
 
@@ -42,6 +47,8 @@ def get_config(preset: str = "softmax"):
       f"unknown preset {preset!r}; presets: the registered variants {registry.names()}, "
       f"each also as {HYBRID_PREFIX}<name>"
     )
+  if name in NOT_CAUSAL:
+    raise ValueError(f"variant {name!r} is bidirectional and cannot be trained as a causal LM")
   config.model.layer_pattern = f"{name},softmax" if preset.startswith(HYBRID_PREFIX) else name
   if name in VARIANT_OPTIONS:
     config.model.mixer_options = {name: VARIANT_OPTIONS[name]}

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 
 from attnjax import data, nn
 from attnjax.data import text
+from attnjax.nn.softmax_variants import AUX_LOSS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +62,6 @@ def build_lm(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nn.DecoderLM:
     dtype=jnp.dtype(m.dtype),
     rngs=rngs,
   )
-
-
-# Mixers with an auxiliary objective (e.g. MoH's load balance) sow it as an `nnx.Intermediate`
-# of this name; the trainer adds every sown value to the loss.
-AUX_LOSS = "aux_loss"
 
 
 def lm_forward(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:

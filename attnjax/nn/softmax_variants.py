@@ -1,0 +1,424 @@
+"""NNX mixers of the softmax-family variants that own parameters beyond `Attention`'s.
+
+Each mixer follows the mixer protocol (`cls(embed_dim, *, num_heads, num_kv_heads, head_dim,
+variant, rngs, **options)`, called as `mixer(x [batch, seq, embed], *, segment_ids=None)`) and
+calls its variant's op from `attnjax.ops`:
+
+- `GatedAttention` (`gated`): sigmoid gate from the input on the attention output.
+- `SinkAttention` (`sinks`): learned sink logit per head, optional learned sink tokens.
+- `MoHAttention` (`moh`): router over heads; sows its load-balance loss as `aux_loss`.
+- `AarenAttention` (`aaren`): a learned query attending causally, as a prefix scan.
+- `DiffQKVAttention` (`diffqkv`): fewer K than V heads, K/V head dims apart, augmented Q.
+- `DisentangledAttention` (`disentangled`): DeBERTa's content and relative-position terms.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnjax import masks, registry
+from attnjax.nn.attention import Attention, resolve_heads
+from attnjax.nn.params import fan_in_init, param
+from attnjax.nn.rope import apply_rope
+from attnjax.ops import moh_route
+
+AUX_LOSS = "aux_loss"  # name of the sown `nnx.Intermediate` the trainer adds to the loss
+
+
+class _ProjectedAttention(Attention):
+  """`Attention`'s parameters, with its projections exposed for mixers that add inputs.
+
+  TODO: the projection half of `Attention.__call__` is repeated in `project_qkv`; it goes away
+  once `Attention` exposes `project_qkv` / `project_out` itself and calls them.
+  """
+
+  def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`x [batch, seq, embed]` -> (x in compute dtype, q, k, v `[batch, seq, heads, dim]`)."""
+    if x.ndim != 3 or x.shape[-1] != self.q.shape[0]:
+      raise ValueError(f"x must be [batch, seq, embed={self.q.shape[0]}], got shape {x.shape}")
+    x = x.astype(self.dtype)
+    q, k, v = (
+      jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype)) for w in (self.q, self.k, self.v)
+    )
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if self.use_rope:
+      positions = jnp.arange(x.shape[1])
+      q = apply_rope(q, positions, base=self.rope_base)
+      k = apply_rope(k, positions, base=self.rope_base)
+    return x, q, k, v
+
+  def project_out(self, heads_out: jax.Array) -> jax.Array:
+    """`[batch, seq, heads, head_dim]` -> `[batch, seq, embed]`."""
+    return jnp.einsum("bthk,hkd->btd", heads_out, self.out[...].astype(self.dtype))
+
+  def attend(self, q, k, v, *args, segment_ids=None, **kwargs) -> jax.Array:
+    """The registered variant's op with this mixer's `impl` and static options."""
+    options = {**dict(self.variant_options), **kwargs}
+    return registry.get(self.variant)(
+      q, k, v, *args, segment_ids=segment_ids, impl=self.impl, **options
+    )
+
+
+class GatedAttention(_ProjectedAttention):
+  """Gated attention (Qiu et al. 2025): `W_O (sigmoid(x W_gate) * SDPA(q, k, v))`.
+
+  `gate="elementwise"` gives `W_gate [embed, heads, head_dim]` (one gate per channel),
+  `"headwise"` gives `W_gate [embed, heads, 1]` (one per head). Other options as `Attention`.
+  """
+
+  def __init__(
+    self,
+    embed_dim: int,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    variant: str = "gated",
+    rngs: nnx.Rngs,
+    gate: str = "elementwise",
+    **attention_options,
+  ):
+    super().__init__(
+      embed_dim,
+      num_heads=num_heads,
+      num_kv_heads=num_kv_heads,
+      head_dim=head_dim,
+      variant=variant,
+      rngs=rngs,
+      **attention_options,
+    )
+    if gate not in ("elementwise", "headwise"):
+      raise ValueError(f"gate must be 'elementwise' or 'headwise', got gate={gate!r}")
+    head_dim = self.q.shape[2]
+    gate_shape, gate_axes = (
+      ((embed_dim, num_heads, head_dim), ("embed", "heads", "head_dim"))
+      if gate == "elementwise"
+      else ((embed_dim, num_heads, 1), ("embed", "heads", None))
+    )
+    self.gate = param(rngs, fan_in_init(), gate_shape, gate_axes)
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    x, q, k, v = self.project_qkv(x)
+    gate = jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, self.gate[...].astype(self.dtype)))
+    return self.project_out(self.attend(q, k, v, gate, segment_ids=segment_ids))
+
+
+class SinkAttention(_ProjectedAttention):
+  """Attention with a learned sink logit per head (StreamingLLM; gpt-oss) and, if
+  `num_sink_tokens > 0`, that many learned sink tokens' keys and values per layer.
+
+  Parameters beyond `Attention`: `sinks [heads]` (initialized to 0), `sink_k [n, kv_heads,
+  head_dim]`, `sink_v [n, kv_heads, head_dim]`. Sink tokens carry no position (no rotary).
+  """
+
+  def __init__(
+    self,
+    embed_dim: int,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    variant: str = "sinks",
+    rngs: nnx.Rngs,
+    num_sink_tokens: int = 0,
+    **attention_options,
+  ):
+    super().__init__(
+      embed_dim,
+      num_heads=num_heads,
+      num_kv_heads=num_kv_heads,
+      head_dim=head_dim,
+      variant=variant,
+      rngs=rngs,
+      **attention_options,
+    )
+    if num_sink_tokens < 0:
+      raise ValueError(f"num_sink_tokens must be >= 0, got {num_sink_tokens}")
+    _, kv_heads, head_dim = self.k.shape
+    self.sinks = param(rngs, nnx.initializers.zeros, (num_heads,), ("heads",))
+    shape, axes = (num_sink_tokens, kv_heads, head_dim), (None, "kv_heads", "head_dim")
+    sink_init = nnx.initializers.normal(1.0)
+    self.sink_k = param(rngs, sink_init, shape, axes) if num_sink_tokens else None
+    self.sink_v = param(rngs, sink_init, shape, axes) if num_sink_tokens else None
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    _, q, k, v = self.project_qkv(x)
+    sink_tokens = {}
+    if self.sink_k is not None:
+      sink_tokens = {
+        "sink_k": self.sink_k[...].astype(self.dtype),
+        "sink_v": self.sink_v[...].astype(self.dtype),
+      }
+    out = self.attend(q, k, v, segment_ids=segment_ids, sinks=self.sinks[...], **sink_tokens)
+    return self.project_out(out)
+
+
+class MoHAttention(_ProjectedAttention):
+  """Mixture-of-head attention (Jin et al. 2024): `sum_i g_i H_i W_O^i` with routed heads.
+
+  The first `num_shared_heads` heads are always on; each token routes to `top_k` of the rest
+  (defaults: a quarter of the heads shared, half of the others per token).
+  Router parameters: `router_shared [embed, num_shared]`, `router_routed [embed, num_routed]`
+  and `router_balance [embed, 2]` (the last two only with shared heads). Each call sows
+  `aux_loss_weight * load_balance_loss` as `nnx.Intermediate` named `aux_loss`, which a loss
+  function collects with `nnx.capture(model, nnx.Intermediate)` and adds.
+  """
+
+  def __init__(
+    self,
+    embed_dim: int,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    variant: str = "moh",
+    rngs: nnx.Rngs,
+    num_shared_heads: int | None = None,
+    top_k: int | None = None,
+    aux_loss_weight: float = 0.01,
+    **attention_options,
+  ):
+    super().__init__(
+      embed_dim,
+      num_heads=num_heads,
+      num_kv_heads=num_kv_heads,
+      head_dim=head_dim,
+      variant=variant,
+      rngs=rngs,
+      **attention_options,
+    )
+    num_shared = num_heads // 4 if num_shared_heads is None else num_shared_heads
+    num_routed = num_heads - num_shared
+    top_k = max(1, num_routed // 2) if top_k is None else top_k
+    if not 0 <= num_shared < num_heads or not 1 <= top_k <= num_routed:
+      raise ValueError(
+        f"need 0 <= num_shared_heads < num_heads={num_heads} and 1 <= top_k <= num_heads - "
+        f"num_shared_heads, got num_shared_heads={num_shared}, top_k={top_k}"
+      )
+    self.top_k = top_k
+    self.aux_loss_weight = aux_loss_weight
+    self.router_routed = param(rngs, fan_in_init(), (embed_dim, num_routed), ("embed", None))
+    self.router_shared = (
+      param(rngs, fan_in_init(), (embed_dim, num_shared), ("embed", None)) if num_shared else None
+    )
+    self.router_balance = (
+      param(rngs, fan_in_init(), (embed_dim, 2), ("embed", None)) if num_shared else None
+    )
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    x, q, k, v = self.project_qkv(x)
+    routed = jnp.einsum("btd,dh->bth", x, self.router_routed[...].astype(self.dtype))
+    if self.router_shared is None:
+      # No shared heads: all weight goes to the routed stage.
+      shared = jnp.zeros((*x.shape[:2], 0), x.dtype)
+      balance = jnp.broadcast_to(jnp.array([-jnp.inf, 0.0], x.dtype), (*x.shape[:2], 2))
+    else:
+      shared, balance = (
+        jnp.einsum("btd,dh->bth", x, w[...].astype(self.dtype))
+        for w in (self.router_shared, self.router_balance)
+      )
+    head_weights, balance_loss = moh_route(shared, routed, balance, top_k=self.top_k)
+    with warnings.catch_warnings():
+      # Sowing outside `nnx.capture` (a plain forward pass) is deprecated in flax; the value is
+      # then kept on the module (the latest call's) instead of being collected.
+      warnings.simplefilter("ignore", DeprecationWarning)
+      self.sow(
+        nnx.Intermediate,
+        AUX_LOSS,
+        self.aux_loss_weight * balance_loss,
+        reduce_fn=lambda _, latest: latest,
+      )
+    out = self.attend(q, k, v, head_weights.astype(q.dtype), segment_ids=segment_ids)
+    return self.project_out(out)
+
+
+class AarenAttention(nnx.Module):
+  """Aaren (Feng et al. 2024): a learned query attends causally over the projected keys and
+  values, computed as a prefix scan; `[batch, seq, embed] -> same`.
+
+  Parameters: `query [heads, head_dim]`, `k`, `v [embed, kv_heads, head_dim]`,
+  `out [heads, head_dim, embed]`. The query is shared by all positions, so no rotary.
+  """
+
+  def __init__(
+    self,
+    embed_dim: int,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    variant: str = "aaren",
+    rngs: nnx.Rngs,
+    impl: str = "auto",
+    dtype=jnp.float32,
+  ):
+    num_kv_heads, head_dim = resolve_heads(embed_dim, num_heads, num_kv_heads, head_dim)
+    self.variant = variant
+    self.impl = impl
+    self.dtype = dtype
+    self.query = param(
+      rngs, nnx.initializers.normal(1.0), (num_heads, head_dim), ("heads", "head_dim")
+    )
+    kv_axes = ("embed", "kv_heads", "head_dim")
+    self.k = param(rngs, fan_in_init(), (embed_dim, num_kv_heads, head_dim), kv_axes)
+    self.v = param(rngs, fan_in_init(), (embed_dim, num_kv_heads, head_dim), kv_axes)
+    self.out = param(
+      rngs, fan_in_init(2), (num_heads, head_dim, embed_dim), ("heads", "head_dim", "embed")
+    )
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    if x.ndim != 3 or x.shape[-1] != self.k.shape[0]:
+      raise ValueError(f"x must be [batch, seq, embed={self.k.shape[0]}], got shape {x.shape}")
+    x = x.astype(self.dtype)
+    k, v = (jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype)) for w in (self.k, self.v))
+    q = jnp.broadcast_to(self.query[...].astype(self.dtype), (x.shape[0], 1, *self.query.shape))
+    out = registry.get(self.variant)(q, k, v, segment_ids=segment_ids, impl=self.impl)
+    return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))
+
+
+class DiffQKVAttention(nnx.Module):
+  """Sigma's DiffQKV attention (Lin et al. 2025): `num_k_heads` K heads of `key_dim` channels,
+  `num_kv_heads` V heads of `head_dim` channels, and, with `q_aug_dim`, an augmented Q.
+
+  Parameters: `q [embed, heads, q_aug_dim or key_dim]`, with `q_aug_dim` also
+  `q_aug [heads, q_aug_dim, key_dim]` (the Q head computed in the wider space, then mapped to
+  the key space: Q-side parameters and compute only, nothing added to the KV cache);
+  `k [embed, num_k_heads, key_dim]`, `v [embed, num_kv_heads, head_dim]`,
+  `out [heads, head_dim, embed]`. Defaults: half as many K heads as V heads (when even),
+  `key_dim = head_dim`, no augmentation. Rotary positions on q and k.
+  """
+
+  def __init__(
+    self,
+    embed_dim: int,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    variant: str = "diffqkv",
+    rngs: nnx.Rngs,
+    num_k_heads: int | None = None,
+    key_dim: int | None = None,
+    q_aug_dim: int | None = None,
+    rope_base: float = 10_000.0,
+    impl: str = "auto",
+    dtype=jnp.float32,
+  ):
+    num_v_heads, head_dim = resolve_heads(embed_dim, num_heads, num_kv_heads, head_dim)
+    if num_k_heads is None:
+      num_k_heads = num_v_heads // 2 if num_v_heads % 2 == 0 else num_v_heads
+    key_dim = head_dim if key_dim is None else key_dim
+    if num_k_heads < 1 or num_v_heads % num_k_heads:
+      raise ValueError(
+        f"num_k_heads={num_k_heads} must divide the number of V heads num_kv_heads={num_v_heads}"
+      )
+    if key_dim < 2 or key_dim % 2:
+      raise ValueError(f"key_dim must be even (rotary positions), got key_dim={key_dim}")
+    if q_aug_dim is not None and q_aug_dim < key_dim:
+      raise ValueError(f"q_aug_dim must be >= key_dim={key_dim}, got q_aug_dim={q_aug_dim}")
+    self.variant = variant
+    self.impl = impl
+    self.rope_base = rope_base
+    self.dtype = dtype
+    q_dim = key_dim if q_aug_dim is None else q_aug_dim
+    self.q = param(rngs, fan_in_init(), (embed_dim, num_heads, q_dim), ("embed", "heads", None))
+    self.q_aug = (
+      None
+      if q_aug_dim is None
+      else param(
+        rngs,
+        fan_in_init(),
+        (num_heads, q_aug_dim, key_dim),
+        ("heads", None, "head_dim"),
+      )
+    )
+    self.k = param(
+      rngs, fan_in_init(), (embed_dim, num_k_heads, key_dim), ("embed", "kv_heads", "head_dim")
+    )
+    self.v = param(
+      rngs, fan_in_init(), (embed_dim, num_v_heads, head_dim), ("embed", "kv_heads", "head_dim")
+    )
+    self.out = param(
+      rngs, fan_in_init(2), (num_heads, head_dim, embed_dim), ("heads", "head_dim", "embed")
+    )
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    if x.ndim != 3 or x.shape[-1] != self.k.shape[0]:
+      raise ValueError(f"x must be [batch, seq, embed={self.k.shape[0]}], got shape {x.shape}")
+    x = x.astype(self.dtype)
+    q, k, v = (
+      jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype)) for w in (self.q, self.k, self.v)
+    )
+    if self.q_aug is not None:
+      q = jnp.einsum("bthe,hek->bthk", q, self.q_aug[...].astype(self.dtype))
+    positions = jnp.arange(x.shape[1])
+    q = apply_rope(q, positions, base=self.rope_base)
+    k = apply_rope(k, positions, base=self.rope_base)
+    out = registry.get(self.variant)(q, k, v, segment_ids=segment_ids, impl=self.impl)
+    return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))
+
+
+class DisentangledAttention(_ProjectedAttention):
+  """DeBERTa's disentangled attention (He et al. 2021): content and relative-position terms.
+
+  Beyond `Attention`'s parameters: relative position embeddings `rel_embed [num_buckets,
+  embed]`, projected by the content `q` and `k` weights (shared, as DeBERTa v2 does) into the
+  position queries and keys. Bidirectional unless `causal=True` (for next-token training);
+  rotary positions are off by default, since the relative terms carry position.
+  """
+
+  def __init__(
+    self,
+    embed_dim: int,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    variant: str = "disentangled",
+    rngs: nnx.Rngs,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+    causal: bool = False,
+    use_rope: bool = False,
+    **attention_options,
+  ):
+    super().__init__(
+      embed_dim,
+      num_heads=num_heads,
+      num_kv_heads=num_kv_heads,
+      head_dim=head_dim,
+      variant=variant,
+      rngs=rngs,
+      use_rope=use_rope,
+      **attention_options,
+    )
+    if num_buckets < 2:
+      raise ValueError(f"num_buckets must be >= 2, got num_buckets={num_buckets}")
+    self.max_distance = max_distance
+    self.causal = causal
+    self.rel_embed = param(
+      rngs, nnx.initializers.normal(1.0), (num_buckets, embed_dim), (None, "embed")
+    )
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    _, q, k, v = self.project_qkv(x)
+    rel = self.rel_embed[...].astype(self.dtype)
+    q_rel, k_rel = (
+      jnp.einsum("rd,dhk->rhk", rel, w[...].astype(self.dtype)) for w in (self.q, self.k)
+    )
+    out = self.attend(
+      q,
+      k,
+      v,
+      q_rel,
+      k_rel,
+      segment_ids=segment_ids,
+      max_distance=self.max_distance,
+      mask=masks.causal() if self.causal else None,
+    )
+    return self.project_out(out)

@@ -1,0 +1,149 @@
+"""DeBERTa's disentangled attention (He et al. 2021, "DeBERTa: Decoding-enhanced BERT with
+Disentangled Attention", arXiv 2006.03654), bidirectional.
+
+Every token has a content vector and every query-key pair a relative position, embedded
+separately. The logit sums content-to-content, content-to-position and position-to-content
+terms:
+
+    s_ij = (q_i . k_j  +  q_i . k^r_{d(i, j)}  +  k_j . q^r_{d(j, i)}) * scale,
+    scale = (3 * head_dim) ** -0.5
+
+where `q^r`, `k^r` `[num_buckets, heads, head_dim]` are projections of the relative position
+embeddings and `d(i, j)` buckets the distance i - j: exact below `num_buckets // 4`, then
+log-spaced up to `max_distance`, clipped to `[0, num_buckets)` (DeBERTa v2's log buckets).
+The op materializes the `[q_len, kv_len]` logits (impl "reference" only).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from attnjax import masks, registry
+from attnjax.ops.common import QKVShape, check_qkv
+
+
+def relative_buckets(distance: jax.Array, num_buckets: int, max_distance: int) -> jax.Array:
+  """int32 bucket in `[0, num_buckets)` of each signed distance (query pos - key pos).
+
+  Distances below `num_buckets // 4` in magnitude get their own bucket; larger ones share
+  log-spaced buckets up to `max_distance`, beyond which they are clipped.
+  """
+  half = num_buckets // 2
+  exact = max(half // 2, 1)
+  magnitude = jnp.abs(distance)
+  log_steps = jnp.log(jnp.maximum(magnitude, 1) / exact) / math.log(max(max_distance / exact, 2))
+  far = exact + jnp.floor(log_steps * (half - 1 - exact)).astype(jnp.int32)
+  bucket = jnp.where(magnitude < exact, magnitude, jnp.minimum(far, half - 1))
+  return (jnp.sign(distance) * bucket + half).astype(jnp.int32)
+
+
+def disentangled_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_rel: jax.Array,
+  k_rel: jax.Array,
+  *,
+  max_distance: int = 128,
+  mask: masks.Mask | None = None,
+  segment_ids: jax.Array | None = None,
+  scale: float | None = None,
+  impl: str = "auto",
+) -> jax.Array:
+  """Disentangled attention over `[batch, seq, heads, dim]`.
+
+  Args:
+    q: `[batch, q_len, heads, head_dim]` content queries.
+    k: `[batch, kv_len, kv_heads, head_dim]` content keys; v `[batch, kv_len, kv_heads, dv]`.
+    q_rel: `[num_buckets, heads, head_dim]`, queries of the relative position embeddings.
+    k_rel: `[num_buckets, kv_heads, head_dim]`, their keys.
+    max_distance: distance at which the log buckets saturate.
+    mask: optional `attnjax.masks.Mask` (None: bidirectional).
+    segment_ids: int `[batch, seq]` for packed sequences (self attention).
+    scale: logit scale; None means `(3 * head_dim) ** -0.5`.
+    impl: "reference" | "auto".
+
+  Returns:
+    `[batch, q_len, heads, value_dim]` in q's dtype; a row with no allowed key is zeros.
+  """
+  shape = check_qkv(q, k, v)
+  num_buckets = q_rel.shape[0] if q_rel.ndim == 3 else -1
+  for name, x, heads in (("q_rel", q_rel, shape.heads), ("k_rel", k_rel, shape.kv_heads)):
+    wanted = (num_buckets, heads, shape.head_dim)
+    if x.ndim != 3 or x.shape != wanted or num_buckets < 2:
+      raise ValueError(
+        f"{name} must be [num_buckets >= 2, heads, head_dim] = {wanted}, got {x.shape}"
+      )
+  if segment_ids is not None:
+    segment_ids = jnp.asarray(segment_ids)
+    if shape.q_len != shape.kv_len or segment_ids.shape != (shape.batch, shape.q_len):
+      raise ValueError(
+        f"segment_ids must be [batch, seq] = ({shape.batch}, {shape.q_len}) for self "
+        f"attention, got {segment_ids.shape}"
+      )
+  scale = (3 * shape.head_dim) ** -0.5 if scale is None else float(scale)
+  return registry.dispatch(
+    IMPLS,
+    impl,
+    q,
+    k,
+    v,
+    q_rel,
+    k_rel,
+    shape=shape,
+    max_distance=max_distance,
+    mask=mask,
+    segment_ids=segment_ids,
+    scale=scale,
+  )
+
+
+def _reference(q, k, v, q_rel, k_rel, *, shape: QKVShape, max_distance, mask, segment_ids, scale):
+  s, f32 = shape, jnp.float32
+  qg = q.astype(f32).reshape(s.batch, s.q_len, s.kv_heads, s.groups, s.head_dim)
+  q_rel_g = q_rel.astype(f32).reshape(-1, s.kv_heads, s.groups, s.head_dim)
+  content = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(f32))
+  distance = jnp.arange(s.q_len)[:, None] - jnp.arange(s.kv_len)[None, :]
+  buckets = relative_buckets(distance, q_rel.shape[0], max_distance)  # d(i, j)  [q, kv]
+  # Content-to-position: q_i against the position key of bucket d(i, j).
+  c2p = jnp.einsum("bqhgd,rhd->bhgqr", qg, k_rel.astype(f32))
+  c2p = jnp.take_along_axis(c2p, jnp.broadcast_to(buckets, (*c2p.shape[:3], s.q_len, s.kv_len)), -1)
+  # Position-to-content: k_j against the position query of bucket d(j, i) = bucket of -(i - j).
+  p2c = jnp.einsum("bkhd,rhgd->bhgkr", k.astype(f32), q_rel_g)
+  reverse = relative_buckets(-distance, q_rel.shape[0], max_distance).T  # [kv, q]
+  p2c = jnp.take_along_axis(p2c, jnp.broadcast_to(reverse, (*p2c.shape[:3], s.kv_len, s.q_len)), -1)
+  logits = (content + c2p + p2c.swapaxes(-1, -2)) * scale
+  allowed = jnp.asarray(masks.to_dense(mask, s.q_len, s.kv_len))
+  if segment_ids is not None:
+    allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, None]
+  allowed = jnp.broadcast_to(allowed, logits.shape)
+  logits = jnp.where(allowed, logits, -jnp.inf)
+  row_max = logits.max(-1, keepdims=True)
+  shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+  weights = jnp.where(allowed, jnp.exp(logits - shift), 0.0)
+  denom = weights.sum(-1, keepdims=True)
+  probs = weights / jnp.where(denom > 0, denom, 1.0)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v.astype(f32))
+  return out.reshape(s.batch, s.q_len, s.heads, s.value_dim).astype(q.dtype)
+
+
+IMPLS = {"reference": _reference}
+
+registry.register(
+  registry.Variant(
+    name="disentangled",
+    family="softmax",
+    paper="He et al. 2021, DeBERTa: Decoding-enhanced BERT with Disentangled Attention "
+    "(arXiv 2006.03654)",
+    reference=functools.partial(disentangled_attention, impl="reference"),
+    impls={"reference": functools.partial(disentangled_attention, impl="reference")},
+    op=disentangled_attention,
+    module="attnjax.nn.softmax_variants:DisentangledAttention",
+    capabilities=frozenset({"mask", "segment_ids", "gqa"}),
+    description="content-to-content + content-to-position + position-to-content, bucketed",
+  )
+)

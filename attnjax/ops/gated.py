@@ -1,0 +1,69 @@
+"""Gated attention (Qiu et al. 2025, "Gated Attention for Large Language Models: Non-linearity,
+Sparsity, and Attention-Sink-Free", arXiv 2505.06708).
+
+    out = gate * softmax(q k^T * scale + mask) v,   gate = sigmoid(x W_gate)
+
+A head-specific gate computed from the layer input multiplies the output of scaled dot-product
+attention before the output projection: one scalar per head and token (`headwise`, gate
+`[batch, seq, heads, 1]`) or one per channel (`elementwise`, gate `[batch, seq, heads, dv]`).
+The op takes the gate values; the NNX mixer computes them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from attnjax import masks, registry
+from attnjax.ops.common import check_qkv
+from attnjax.ops.softmax import api as softmax_api
+
+
+def gated_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  gate: jax.Array,
+  *,
+  impl: str = "auto",
+  **attention_kwargs,
+) -> jax.Array:
+  """`gate * dot_product_attention(q, k, v, ...)` over `[batch, seq, heads, dim]`.
+
+  Args:
+    q, k, v: as `attnjax.ops.dot_product_attention` (GQA by shape).
+    gate: `[batch, q_len, heads, 1]` (headwise) or `[batch, q_len, heads, value_dim]`
+      (elementwise), usually `sigmoid(x W_gate)` in (0, 1).
+    impl: implementation of the attention, "reference" | "xla" | "auto".
+    **attention_kwargs: `mask`, `segment_ids`, `scale`, `softcap`, `sinks`, `q_offset`,
+      `block_sizes` of `dot_product_attention`.
+
+  Returns:
+    `[batch, q_len, heads, value_dim]` in q's dtype.
+  """
+  shape = check_qkv(q, k, v)
+  wanted = (shape.batch, shape.q_len, shape.heads)
+  if gate.ndim != 4 or gate.shape[:3] != wanted or gate.shape[3] not in (1, shape.value_dim):
+    raise ValueError(
+      f"gate must be [batch, q_len, heads, 1 or value_dim] = {wanted} + (1 or "
+      f"{shape.value_dim},), got {gate.shape}"
+    )
+  out = softmax_api.dot_product_attention(q, k, v, impl=impl, **attention_kwargs)
+  return (out * gate).astype(out.dtype)
+
+
+registry.register(
+  registry.Variant(
+    name="gated",
+    family="softmax",
+    paper="Qiu et al. 2025, Gated Attention for Large Language Models (arXiv 2505.06708)",
+    reference=functools.partial(gated_attention, impl="reference"),
+    impls={impl: functools.partial(gated_attention, impl=impl) for impl in softmax_api.IMPLS},
+    op=gated_attention,
+    module="attnjax.nn.softmax_variants:GatedAttention",
+    capabilities=frozenset({"mask", "segment_ids", "gqa", "softcap", "sinks"}),
+    defaults={"mask": masks.causal()},
+    description="sigmoid gate from the layer input on the attention output, per head or channel",
+  )
+)
