@@ -26,8 +26,8 @@ VARIANT_OPTIONS = {
   "diffqkv": {"num_k_heads": 1, "q_aug_dim": 64},
   "disentangled": {"causal": True},  # DeBERTa is bidirectional; an LM must not see the answers
 }
-# Bidirectional vision mixers: as LM mixers they would see future tokens (the answers).
-NOT_CAUSAL = frozenset({"halo", "maxvit", "biformer"})
+# Bidirectional mixers (vision, agent attention): as LM mixers they would see future tokens.
+NOT_CAUSAL = frozenset({"halo", "maxvit", "biformer", "agent"})
 HYBRID_PREFIX = "hybrid_"
 
 
