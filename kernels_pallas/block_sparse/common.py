@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -27,6 +28,12 @@ class BlockSizes:
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
+
+  def fit(self, q_len: int, kv_len: int) -> BlockSizes:
+    """Shrinks blocks longer than the sequence lengths (rounded up to multiples of 8)."""
+    return BlockSizes(
+      min(self.block_q, -(-q_len // 8) * 8), min(self.block_kv, -(-kv_len // 8) * 8)
+    )
 
   def check_tpu(self, q_len_padded: int, kv_len_padded: int) -> None:
     """Raises ValueError unless the tiles satisfy Mosaic's (8, 128) block-shape rule."""
@@ -118,3 +125,17 @@ def check_call(q, k, v, mask_info: MaskInfo) -> None:
     )
   if mask_info.mask_heads not in (1, h):
     raise ValueError(f"mask_info has {mask_info.mask_heads} heads; q has {h}")
+
+
+def sinks_gradient(sinks, lse, delta, head_axis: int):
+  """d loss / d sinks `[heads]` from row lse and delta = rowsum(dO * O) - dlse.
+
+  A sink joins the denominator without a value: d lse / d sink = p_sink = exp(sink - lse),
+  so d loss / d sink = -sum over rows of p_sink * delta. Rows with lse = -inf contribute 0.
+  """
+  shape = [1] * lse.ndim
+  shape[head_axis] = -1
+  live = jnp.isfinite(lse)
+  p_sink = jnp.exp(sinks.reshape(shape) - jnp.where(live, lse, 0.0)) * live
+  axes = tuple(a for a in range(lse.ndim) if a != head_axis)
+  return -(p_sink * delta).sum(axis=axes)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from kernels_pallas.block_sparse.common import FULL, MaskInfo, check_call
+from kernels_pallas.block_sparse.common import FULL, MaskInfo, check_call, sinks_gradient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,11 +447,7 @@ def _attention_bwd(st, residuals, cotangents):
   delta = (d_out * out.astype(jnp.float32)).sum(-1) - d_lse
   dq = _dq(st, info, q, k, v, d_out, lse, delta, q_seg, kv_seg)
   dk, dv = _dkv(st, info, q, k, v, d_out, lse, delta, q_seg, kv_seg)
-  d_sinks = jnp.zeros_like(sinks)
-  if st.has_sinks:
-    live = jnp.isfinite(lse)
-    p_sink = jnp.exp(sinks[None, :, None] - jnp.where(live, lse, 0.0)) * live
-    d_sinks = -(p_sink * delta).sum(axis=(0, 2))
+  d_sinks = sinks_gradient(sinks, lse, delta, 1) if st.has_sinks else jnp.zeros_like(sinks)
   return None, dq, dk, dv, d_sinks, None, None
 
 

@@ -28,7 +28,14 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.block_sparse.common import FULL, PARTIAL, BlockSizes, MaskInfo, check_call
+from kernels_pallas.block_sparse.common import (
+  FULL,
+  PARTIAL,
+  BlockSizes,
+  MaskInfo,
+  check_call,
+  sinks_gradient,
+)
 
 LANES = 128
 
@@ -553,11 +560,7 @@ def _attention_bwd(st, residuals, cotangents):
   delta = (d_out * out.astype(jnp.float32)).sum(-1, keepdims=True) - d_lse
   dq = _dq_call(st, info, q, k, v, d_out, lse, delta, q_seg, kv_seg)
   dk, dv = _dkv_call(st, info, q, k, v, d_out, lse, delta, q_seg, kv_seg)
-  d_sinks = jnp.zeros_like(sinks)
-  if st.has_sinks:
-    live = jnp.isfinite(lse)
-    p_sink = jnp.exp(sinks[None, :, None, None] - jnp.where(live, lse, 0.0)) * live
-    d_sinks = -(p_sink * delta).sum(axis=(0, 2, 3))
+  d_sinks = sinks_gradient(sinks, lse, delta, 1) if st.has_sinks else jnp.zeros_like(sinks)
   return None, dq, dk, dv, d_sinks, None, None
 
 

@@ -27,32 +27,9 @@ import numpy as np
 
 from attnjax import masks as masks_lib
 from attnjax.ops.common import QKVShape
+from kernels_pallas.block_sparse.common import BlockSizes
 
 LOGITS_BUDGET_BYTES = 16 * 2**20
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tile sizes of the blockwise implementation (padded lengths are multiples of these)."""
-
-  block_q: int = 512
-  block_kv: int = 512
-
-  def __post_init__(self):
-    for name in ("block_q", "block_kv"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
-
-  def fit(self, q_len: int, kv_len: int) -> BlockSizes:
-    """Shrinks blocks longer than the (8-rounded) sequence lengths."""
-    return BlockSizes(
-      min(self.block_q, _round_up(q_len, 8)), min(self.block_kv, _round_up(kv_len, 8))
-    )
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
