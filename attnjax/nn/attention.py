@@ -86,14 +86,14 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(head_dim, axis_name="head_dim", rngs=rngs) if qk_norm else None
     self.k_norm = RMSNorm(head_dim, axis_name="head_dim", rngs=rngs) if qk_norm else None
 
-  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
-    """`x [batch, seq, embed]`, `segment_ids` int `[batch, seq]` -> `[batch, seq, embed]`."""
+  def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`x [batch, seq, embed]` -> (x in compute dtype, q, k, v `[batch, seq, heads, dim]`)."""
     if x.ndim != 3 or x.shape[-1] != self.q.shape[0]:
       raise ValueError(f"x must be [batch, seq, embed={self.q.shape[0]}], got shape {x.shape}")
     x = x.astype(self.dtype)
-    q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(self.dtype))
-    k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(self.dtype))
-    v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(self.dtype))
+    q, k, v = (
+      jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype)) for w in (self.q, self.k, self.v)
+    )
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if self.use_rope:
@@ -102,7 +102,20 @@ class Attention(nnx.Module):
       positions = jnp.arange(x.shape[1])
       q = apply_rope(q, positions, base=self.rope_base)
       k = apply_rope(k, positions, base=self.rope_base)
-    out = registry.get(self.variant)(
-      q, k, v, segment_ids=segment_ids, impl=self.impl, **dict(self.variant_options)
+    return x, q, k, v
+
+  def attend(self, q, k, v, *args, segment_ids=None, **kwargs) -> jax.Array:
+    """The registered variant's op with this mixer's `impl` and static options."""
+    options = {**dict(self.variant_options), **kwargs}
+    return registry.get(self.variant)(
+      q, k, v, *args, segment_ids=segment_ids, impl=self.impl, **options
     )
-    return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))
+
+  def project_out(self, heads_out: jax.Array) -> jax.Array:
+    """`[batch, seq, heads, head_dim]` -> `[batch, seq, embed]`."""
+    return jnp.einsum("bthk,hkd->btd", heads_out, self.out[...].astype(self.dtype))
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    """`x [batch, seq, embed]`, `segment_ids` int `[batch, seq]` -> `[batch, seq, embed]`."""
+    _, q, k, v = self.project_qkv(x)
+    return self.project_out(self.attend(q, k, v, segment_ids=segment_ids))

@@ -29,42 +29,7 @@ from attnjax.ops import moh_route
 AUX_LOSS = "aux_loss"  # name of the sown `nnx.Intermediate` the trainer adds to the loss
 
 
-class _ProjectedAttention(Attention):
-  """`Attention`'s parameters, with its projections exposed for mixers that add inputs.
-
-  TODO: the projection half of `Attention.__call__` is repeated in `project_qkv`; it goes away
-  once `Attention` exposes `project_qkv` / `project_out` itself and calls them.
-  """
-
-  def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """`x [batch, seq, embed]` -> (x in compute dtype, q, k, v `[batch, seq, heads, dim]`)."""
-    if x.ndim != 3 or x.shape[-1] != self.q.shape[0]:
-      raise ValueError(f"x must be [batch, seq, embed={self.q.shape[0]}], got shape {x.shape}")
-    x = x.astype(self.dtype)
-    q, k, v = (
-      jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype)) for w in (self.q, self.k, self.v)
-    )
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    if self.use_rope:
-      positions = jnp.arange(x.shape[1])
-      q = apply_rope(q, positions, base=self.rope_base)
-      k = apply_rope(k, positions, base=self.rope_base)
-    return x, q, k, v
-
-  def project_out(self, heads_out: jax.Array) -> jax.Array:
-    """`[batch, seq, heads, head_dim]` -> `[batch, seq, embed]`."""
-    return jnp.einsum("bthk,hkd->btd", heads_out, self.out[...].astype(self.dtype))
-
-  def attend(self, q, k, v, *args, segment_ids=None, **kwargs) -> jax.Array:
-    """The registered variant's op with this mixer's `impl` and static options."""
-    options = {**dict(self.variant_options), **kwargs}
-    return registry.get(self.variant)(
-      q, k, v, *args, segment_ids=segment_ids, impl=self.impl, **options
-    )
-
-
-class GatedAttention(_ProjectedAttention):
+class GatedAttention(Attention):
   """Gated attention (Qiu et al. 2025): `W_O (sigmoid(x W_gate) * SDPA(q, k, v))`.
 
   `gate="elementwise"` gives `W_gate [embed, heads, head_dim]` (one gate per channel),
@@ -108,7 +73,7 @@ class GatedAttention(_ProjectedAttention):
     return self.project_out(self.attend(q, k, v, gate, segment_ids=segment_ids))
 
 
-class SinkAttention(_ProjectedAttention):
+class SinkAttention(Attention):
   """Attention with a learned sink logit per head (StreamingLLM; gpt-oss) and, if
   `num_sink_tokens > 0`, that many learned sink tokens' keys and values per layer.
 
@@ -158,7 +123,7 @@ class SinkAttention(_ProjectedAttention):
     return self.project_out(out)
 
 
-class MoHAttention(_ProjectedAttention):
+class MoHAttention(Attention):
   """Mixture-of-head attention (Jin et al. 2024): `sum_i g_i H_i W_O^i` with routed heads.
 
   The first `num_shared_heads` heads are always on; each token routes to `top_k` of the rest
@@ -363,7 +328,7 @@ class DiffQKVAttention(nnx.Module):
     return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))
 
 
-class DisentangledAttention(_ProjectedAttention):
+class DisentangledAttention(Attention):
   """DeBERTa's disentangled attention (He et al. 2021): content and relative-position terms.
 
   Beyond `Attention`'s parameters: relative position embeddings `rel_embed [num_buckets,
