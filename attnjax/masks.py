@@ -298,7 +298,9 @@ def _combined_heads(*masks: Mask) -> int | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class And(Mask):
+class _Binary(Mask):
+  """A combination of two masks (`And`, `Or`)."""
+
   a: Mask
   b: Mask
 
@@ -310,6 +312,9 @@ class And(Mask):
     lambda self: self.a.diagonal_invariant and self.b.diagonal_invariant
   )
 
+
+@dataclasses.dataclass(frozen=True)
+class And(_Binary):
   def _eval(self, h, q, k):
     return self.a._eval(h, q, k) & self.b._eval(h, q, k)
 
@@ -319,18 +324,7 @@ class And(Mask):
 
 
 @dataclasses.dataclass(frozen=True)
-class Or(Mask):
-  a: Mask
-  b: Mask
-
-  def __post_init__(self):
-    _combined_heads(self.a, self.b)
-
-  num_heads = property(lambda self: _combined_heads(self.a, self.b))
-  diagonal_invariant = property(
-    lambda self: self.a.diagonal_invariant and self.b.diagonal_invariant
-  )
-
+class Or(_Binary):
   def _eval(self, h, q, k):
     return self.a._eval(h, q, k) | self.b._eval(h, q, k)
 

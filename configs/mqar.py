@@ -25,6 +25,7 @@ VARIANT_OPTIONS = {
   "softplus": {"train_len": 64},
   "diffqkv": {"num_k_heads": 1, "q_aug_dim": 64},
   "disentangled": {"causal": True},  # DeBERTa is bidirectional; an LM must not see the answers
+  "cca": {"group_size": 4, "window": 8},
 }
 # Bidirectional mixers (vision, agent attention): as LM mixers they would see future tokens.
 NOT_CAUSAL = frozenset({"halo", "maxvit", "biformer", "agent"})

@@ -10,6 +10,8 @@ calls its variant's op from `attnjax.ops`:
 - `AarenAttention` (`aaren`): a learned query attending causally, as a prefix scan.
 - `DiffQKVAttention` (`diffqkv`): fewer K than V heads, K/V head dims apart, augmented Q.
 - `DisentangledAttention` (`disentangled`): DeBERTa's content and relative-position terms.
+- `SelectiveAttention` (`selective`): query temperature by token and position; value scale.
+- `GaussianAttention` (`gaussian`): Gaussian density weights of value features per head.
 """
 
 from __future__ import annotations
@@ -387,3 +389,121 @@ class DisentangledAttention(Attention):
       mask=masks.causal() if self.causal else None,
     )
     return self.project_out(out)
+
+
+class SelectiveAttention(Attention):
+  """Selective attention (Zhang et al. 2024): query and value temperatures on `Attention`.
+
+      tau_q(i) = 1 + sigmoid(alpha_h) log(i + 1) + tanh(u_h . (x_i W_q))
+      tau_v(j) = 1 + tanh(w_h . v_j)                  (with `value_temperature`)
+
+  Weight-shared: the token terms read the query and value projections already computed, so
+  the parameters added are `temp_pos [heads]`, `temp_q [heads, head_dim]` and `temp_v
+  [kv_heads, head_dim]` (all initialized to 0), well under 1% of the layer. Both
+  temperatures stay positive. Other options as `Attention`.
+  """
+
+  def __init__(
+    self,
+    embed_dim: int,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    variant: str = "selective",
+    rngs: nnx.Rngs,
+    value_temperature: bool = True,
+    **attention_options,
+  ):
+    super().__init__(
+      embed_dim,
+      num_heads=num_heads,
+      num_kv_heads=num_kv_heads,
+      head_dim=head_dim,
+      variant=variant,
+      rngs=rngs,
+      **attention_options,
+    )
+    _, kv_heads, head_dim = self.k.shape
+    zeros = nnx.initializers.zeros
+    self.temp_pos = param(rngs, zeros, (num_heads,), ("heads",))
+    self.temp_q = param(rngs, zeros, (num_heads, head_dim), ("heads", "head_dim"))
+    self.temp_v = (
+      param(rngs, zeros, (kv_heads, head_dim), ("kv_heads", "head_dim"))
+      if value_temperature
+      else None
+    )
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    x, q, k, v = self.project_qkv(x)
+    # u . (x W_q) on the projection before rotary: the token term must not depend on position.
+    token = jnp.einsum(
+      "btd,dhk,hk->bth", x, self.q[...].astype(self.dtype), self.temp_q[...].astype(self.dtype)
+    )
+    log_pos = jnp.log1p(jnp.arange(x.shape[1], dtype=self.dtype))
+    alpha = jax.nn.sigmoid(self.temp_pos[...].astype(self.dtype))
+    q_temp = 1 + alpha[None, None, :] * log_pos[None, :, None] + jnp.tanh(token)
+    v_temp = None
+    if self.temp_v is not None:
+      v_temp = 1 + jnp.tanh(jnp.einsum("bthk,hk->bth", v, self.temp_v[...].astype(self.dtype)))
+      v_temp = v_temp[..., None]
+    return self.project_out(
+      self.attend(q, k, v, q_temp[..., None], v_temp, segment_ids=segment_ids)
+    )
+
+
+class GaussianAttention(nnx.Module):
+  """Gaussian adaptive attention (Ioannides et al. 2024): each head weighs the features of its
+  value projection by a Gaussian density around their (causal) context mean and variance.
+
+  Parameters: `v [embed, heads, head_dim]`, `out [heads, head_dim, embed]`, and per head a mean
+  offset `mean_offset [heads]` (initialized to 0) and `log_var_scale [heads]` (the variance
+  scale is its exp, initialized to 1). There are no queries or keys, so `num_kv_heads` only
+  has to be valid. `causal=False` takes whole-sequence statistics, as in the paper.
+  """
+
+  def __init__(
+    self,
+    embed_dim: int,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    variant: str = "gaussian",
+    rngs: nnx.Rngs,
+    causal: bool = True,
+    eps: float = 1e-5,
+    impl: str = "auto",
+    dtype=jnp.float32,
+  ):
+    _, head_dim = resolve_heads(embed_dim, num_heads, num_kv_heads, head_dim)
+    self.variant = variant
+    self.causal = causal
+    self.eps = eps
+    self.impl = impl
+    self.dtype = dtype
+    self.v = param(
+      rngs, fan_in_init(), (embed_dim, num_heads, head_dim), ("embed", "heads", "head_dim")
+    )
+    self.out = param(
+      rngs, fan_in_init(2), (num_heads, head_dim, embed_dim), ("heads", "head_dim", "embed")
+    )
+    zeros = nnx.initializers.zeros
+    self.mean_offset = param(rngs, zeros, (num_heads,), ("heads",))
+    self.log_var_scale = param(rngs, zeros, (num_heads,), ("heads",))
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    if x.ndim != 3 or x.shape[-1] != self.v.shape[0]:
+      raise ValueError(f"x must be [batch, seq, embed={self.v.shape[0]}], got shape {x.shape}")
+    x = x.astype(self.dtype)
+    v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(self.dtype))
+    out = registry.get(self.variant)(
+      v,
+      self.mean_offset[...],
+      jnp.exp(self.log_var_scale[...]),
+      causal=self.causal,
+      segment_ids=segment_ids,
+      eps=self.eps,
+      impl=self.impl,
+    )
+    return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))

@@ -1,12 +1,15 @@
 """Pure attention ops, one folder per family; importing this package registers all variants."""
 
 from attnjax.ops.aaren import aaren, aaren_init_state, aaren_step
+from attnjax.ops.cca import cca_attention
 from attnjax.ops.diffqkv import diffqkv_attention
 from attnjax.ops.disentangled import disentangled_attention
 from attnjax.ops.gated import gated_attention
+from attnjax.ops.gaussian import gaussian_attention
 from attnjax.ops.linear import linear_attention, linear_attention_step
 from attnjax.ops.moh import moh_attention, moh_route
 from attnjax.ops.neighborhood import neighborhood_attention
+from attnjax.ops.selective import selective_attention
 from attnjax.ops.sinks import sink_attention
 from attnjax.ops.softmax import dot_product_attention
 from attnjax.ops.softplus import softplus_attention
@@ -15,15 +18,18 @@ __all__ = [
   "aaren",
   "aaren_init_state",
   "aaren_step",
+  "cca_attention",
   "diffqkv_attention",
   "disentangled_attention",
   "dot_product_attention",
   "gated_attention",
+  "gaussian_attention",
   "linear_attention",
   "linear_attention_step",
   "moh_attention",
   "moh_route",
   "neighborhood_attention",
+  "selective_attention",
   "sink_attention",
   "softplus_attention",
 ]

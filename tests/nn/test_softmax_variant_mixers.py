@@ -10,9 +10,11 @@ from attnjax import masks, nn, registry
 from attnjax.nn import softmax_variants
 from attnjax.ops import (
   aaren,
+  cca_attention,
   diffqkv_attention,
   disentangled_attention,
   dot_product_attention,
+  gaussian_attention,
   moh_attention,
   moh_route,
   sink_attention,
@@ -148,3 +150,52 @@ def test_bad_options_are_rejected():
   with pytest.raises(ValueError, match="num_k_heads=3 must divide"):
     _mixer("diffqkv", num_k_heads=3)
   assert softmax_variants.AUX_LOSS == "aux_loss"
+
+
+@pytest.mark.parametrize("value_temperature", [False, True])
+def test_selective_mixer_scales_queries_by_position_and_token(value_temperature):
+  m, x = _mixer("selective", value_temperature=value_temperature), _x()
+  keys = jax.random.split(jax.random.key(5), 3)
+  m.temp_pos[...] = random_normal(keys[0], (HEADS,))
+  m.temp_q[...] = random_normal(keys[1], (HEADS, HEAD_DIM))
+  q, k, v = _qkv(m, x)
+  token = jnp.einsum("btd,dhk,hk->bth", x, m.q[...], m.temp_q[...])  # before rotary
+  position = jnp.log(jnp.arange(1, x.shape[1] + 1.0))[None, :, None]
+  q_temp = 1 + jax.nn.sigmoid(m.temp_pos[...]) * position + jnp.tanh(token)
+  values = v
+  if value_temperature:
+    m.temp_v[...] = random_normal(keys[2], (KV_HEADS, HEAD_DIM))
+    values = v * (1 + jnp.tanh(jnp.einsum("bthk,hk->bth", v, m.temp_v[...])))[..., None]
+  else:
+    assert m.temp_v is None
+  heads = dot_product_attention(q * q_temp[..., None], k, values, mask=masks.causal())
+  assert_close(m(x), _out(m, heads), TOL_EXACT_F32, f"value_temperature={value_temperature}")
+  grads = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(m)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert float(jnp.abs(grads.temp_pos[...]).max()) > 0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gaussian_mixer_weighs_its_value_projection(causal):
+  m, x = _mixer("gaussian", causal=causal), _x()
+  keys = jax.random.split(jax.random.key(6), 2)
+  m.mean_offset[...] = 0.3 * random_normal(keys[0], (HEADS,))
+  m.log_var_scale[...] = random_normal(keys[1], (HEADS,))
+  v = jnp.einsum("btd,dhk->bthk", x, m.v[...])
+  heads = gaussian_attention(
+    v, m.mean_offset[...], jnp.exp(m.log_var_scale[...]), causal=causal, impl="reference"
+  )
+  assert_close(m(x), _out(m, heads), TOL_EXACT_F32, f"causal={causal}")
+  grads = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(m)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert float(jnp.abs(grads.log_var_scale[...]).max()) > 0
+
+
+def test_cca_is_served_by_the_attention_mixer_with_its_options():
+  assert registry.mixer_class("cca") is nn.Attention
+  m, x = _mixer("cca", group_size=4, window=3), _x()
+  q, k, v = _qkv(m, x)
+  heads = cca_attention(q, k, v, group_size=4, window=3, impl="reference")
+  assert_close(m(x), _out(m, heads), TOL_EXACT_F32, "cca")
+  grads = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(m)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))

@@ -16,6 +16,9 @@ VARIANTS = {
   "softplus": {"train_len": 32},
   "diffqkv": {"num_k_heads": 1, "q_aug_dim": 24},
   "disentangled": {"causal": True, "num_buckets": 16, "max_distance": 32},
+  "selective": {},
+  "gaussian": {},
+  "cca": {"group_size": 4, "window": 8},
 }
 
 

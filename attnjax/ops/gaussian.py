@@ -1,0 +1,150 @@
+"""Gaussian adaptive attention (Ioannides et al. 2024, "Gaussian Adaptive Attention is All You
+Need: Robust Contextual Representations Across Multiple Modalities", arXiv 2401.11143).
+
+Each head weighs every feature by a Gaussian density of where it lies relative to the
+feature's mean and variance over the context, with a learnable mean offset `delta_h` and
+variance scale `xi_h` per head:
+
+    mu_t, var_t = mean and variance of x_s over the positions s that t may see
+    out_t = x_t * exp(-(x_t - (mu_t + delta_h))^2 / (2 (xi_h var_t + eps)))
+
+The paper takes the statistics over the whole sequence; `causal=True` (the default, for
+language models) takes them over s <= t, so position t reads no future token. With
+`segment_ids`, statistics stay within the contiguous run of equal ids holding t.
+
+Impl "reference" averages with a dense `[seq, seq]` matrix; "xla" uses prefix sums.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from attnjax import registry
+
+
+def gaussian_attention(
+  x: jax.Array,
+  mean_offset: jax.Array,
+  var_scale: jax.Array,
+  *,
+  causal: bool = True,
+  segment_ids: jax.Array | None = None,
+  eps: float = 1e-5,
+  impl: str = "auto",
+) -> jax.Array:
+  """Multi-head Gaussian feature weighting of `x [batch, seq, heads, head_dim]`.
+
+  Args:
+    x: `[batch, seq, heads, head_dim]`, e.g. the value projection of the layer input.
+    mean_offset: `[heads]`, learnable offset `delta_h` of the mean.
+    var_scale: `[heads]`, positive learnable scale `xi_h` of the variance.
+    causal: statistics of position t over positions <= t (else over the whole sequence).
+    segment_ids: int `[batch, seq]`: statistics only within t's run of equal ids.
+    eps: added to the scaled variance.
+    impl: "reference" | "xla" | "auto".
+
+  Returns:
+    `[batch, seq, heads, head_dim]` in x's dtype.
+  """
+  if x.ndim != 4:
+    raise ValueError(f"x must be [batch, seq, heads, head_dim], got shape {x.shape}")
+  batch, seq, heads, _ = x.shape
+  for name, value in (("mean_offset", mean_offset), ("var_scale", var_scale)):
+    if value.shape != (heads,):
+      raise ValueError(f"{name} must be [heads] = ({heads},), got {value.shape}")
+  runs = None
+  if segment_ids is not None:
+    segment_ids = jnp.asarray(segment_ids)
+    if segment_ids.shape != (batch, seq):
+      raise ValueError(
+        f"segment_ids must be [batch, seq] = ({batch}, {seq}), got {segment_ids.shape}"
+      )
+    runs = _run_ids(segment_ids)
+  if not eps > 0:
+    raise ValueError(f"eps must be positive, got eps={eps}")
+  return registry.dispatch(
+    IMPLS, impl, x, mean_offset, var_scale, causal=causal, runs=runs, eps=float(eps)
+  )
+
+
+def _run_ids(segment_ids) -> jax.Array:
+  """`[batch, seq]` index of each position's contiguous run of equal segment ids."""
+  starts = jnp.concatenate(
+    [jnp.zeros_like(segment_ids[:, :1]), (segment_ids[:, 1:] != segment_ids[:, :-1])], axis=1
+  )
+  return jnp.cumsum(starts.astype(jnp.int32), axis=1)
+
+
+def _weigh(x, mean, second_moment, mean_offset, var_scale, eps):
+  """`x * exp(-(x - mu - delta)^2 / (2 (xi var + eps)))` from float32 moments."""
+  xf = x.astype(jnp.float32)
+  var = jnp.maximum(second_moment - mean**2, 0.0)  # rounding can make it slightly negative
+  offset = mean_offset.astype(jnp.float32)[:, None]
+  scaled_var = var_scale.astype(jnp.float32)[:, None] * var + eps
+  weight = jnp.exp(-((xf - mean - offset) ** 2) / (2 * scaled_var))
+  return (xf * weight).astype(x.dtype)
+
+
+def _reference(x, mean_offset, var_scale, *, causal, runs, eps):
+  seq = x.shape[1]
+  pos = jnp.arange(seq)
+  allowed = (pos[None, :] <= pos[:, None]) if causal else jnp.ones((seq, seq), bool)
+  allowed = allowed[None]
+  if runs is not None:
+    allowed = allowed & (runs[:, :, None] == runs[:, None, :])
+  average = allowed / allowed.sum(-1, keepdims=True)  # [batch or 1, seq, seq]
+  xf = x.astype(jnp.float32)
+  mean = jnp.einsum("bts,bshd->bthd", average, xf)
+  second_moment = jnp.einsum("bts,bshd->bthd", average, xf**2)
+  return _weigh(x, mean, second_moment, mean_offset, var_scale, eps)
+
+
+def _prefix_sums(x, causal, runs):
+  """Sums of x over each position's allowed positions, `[batch, seq, ...]` like x."""
+  seq = x.shape[1]
+  total = jnp.cumsum(x, axis=1)
+  padded = jnp.concatenate([jnp.zeros_like(x[:, :1]), total], axis=1)  # padded[i] = sum of x[:i]
+  pos = jnp.broadcast_to(jnp.arange(seq), x.shape[:2])
+  if runs is None:
+    first, last = jnp.zeros_like(pos), jnp.full_like(pos, seq - 1)
+  else:
+    is_start = jnp.concatenate([jnp.ones_like(runs[:, :1]), runs[:, 1:] != runs[:, :-1]], axis=1)
+    first = jax.lax.cummax(jnp.where(is_start, pos, 0), axis=1)
+    is_end = jnp.concatenate([runs[:, 1:] != runs[:, :-1], jnp.ones_like(runs[:, :1])], axis=1)
+    last = jax.lax.cummin(jnp.where(is_end, pos, seq - 1), axis=1, reverse=True)
+  if causal:
+    last = pos
+  expand = (slice(None), slice(None)) + (None,) * (x.ndim - 2)
+
+  def take(index):
+    return jnp.take_along_axis(padded, index[expand], axis=1)
+
+  return take(last + 1) - take(first), (last - first + 1)[expand]
+
+
+def _blocked(x, mean_offset, var_scale, *, causal, runs, eps):
+  xf = x.astype(jnp.float32)
+  total, count = _prefix_sums(xf, causal, runs)
+  total_sq, _ = _prefix_sums(xf**2, causal, runs)
+  return _weigh(x, total / count, total_sq / count, mean_offset, var_scale, eps)
+
+
+IMPLS = {"reference": _reference, "xla": _blocked}
+
+registry.register(
+  registry.Variant(
+    name="gaussian",
+    family="softmax",
+    paper="Ioannides et al. 2024, Gaussian Adaptive Attention is All You Need: Robust "
+    "Contextual Representations Across Multiple Modalities (arXiv 2401.11143)",
+    reference=functools.partial(gaussian_attention, impl="reference"),
+    impls={impl: functools.partial(gaussian_attention, impl=impl) for impl in IMPLS},
+    op=gaussian_attention,
+    module="attnjax.nn.softmax_variants:GaussianAttention",
+    capabilities=frozenset({"segment_ids"}),
+    description="per-head Gaussian density of each feature around learnable mean and variance",
+  )
+)

@@ -1,0 +1,77 @@
+"""Selective attention (Zhang et al. 2024, "Selective Attention: Enhancing Transformer through
+Principled Context Control", NeurIPS 2024, arXiv 2411.12892).
+
+Each query gets its own inverse temperature and each value its own scale:
+
+    out_i = sum_j softmax_j(tau_q(i) * q_i . k_j * scale + mask) * tau_v(j) * v_j
+
+`tau_q` (query temperature) depends on the query embedding and on its position (a longer
+context needs a larger inverse temperature to stay equally sparse); `tau_v` (value
+temperature) lets a token damp its own value. The op takes both temperatures; the NNX mixer
+computes them from weights shared with the query and value projections.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from attnjax import masks, registry
+from attnjax.ops.common import check_qkv
+from attnjax.ops.softmax import api as softmax_api
+
+
+def selective_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_temp: jax.Array,
+  v_temp: jax.Array | None = None,
+  *,
+  impl: str = "auto",
+  **attention_kwargs,
+) -> jax.Array:
+  """`dot_product_attention(q_temp * q, k, v_temp * v, ...)` over `[batch, seq, heads, dim]`.
+
+  Args:
+    q, k, v: as `attnjax.ops.dot_product_attention` (GQA by shape).
+    q_temp: `[batch, q_len, heads, 1]`, inverse temperature of each query's logits.
+    v_temp: `[batch, kv_len, kv_heads, 1]`, scale of each value, or None (no value scaling).
+    impl: implementation of the attention, "reference" | "xla" | "pallas" | "auto".
+    **attention_kwargs: `mask`, `segment_ids`, `scale`, `softcap`, `sinks`, `q_offset`,
+      `block_sizes` of `dot_product_attention`.
+
+  Returns:
+    `[batch, q_len, heads, value_dim]` in q's dtype.
+  """
+  shape = check_qkv(q, k, v)
+  wanted_q = (shape.batch, shape.q_len, shape.heads, 1)
+  if q_temp.shape != wanted_q:
+    raise ValueError(f"q_temp must be [batch, q_len, heads, 1] = {wanted_q}, got {q_temp.shape}")
+  wanted_v = (shape.batch, shape.kv_len, shape.kv_heads, 1)
+  if v_temp is not None and v_temp.shape != wanted_v:
+    raise ValueError(
+      f"v_temp must be [batch, kv_len, kv_heads, 1] = {wanted_v} or None, got {v_temp.shape}"
+    )
+  q = (q * q_temp).astype(q.dtype)
+  if v_temp is not None:
+    v = (v * v_temp).astype(v.dtype)
+  return softmax_api.dot_product_attention(q, k, v, impl=impl, **attention_kwargs)
+
+
+registry.register(
+  registry.Variant(
+    name="selective",
+    family="softmax",
+    paper="Zhang et al. 2024, Selective Attention: Enhancing Transformer through Principled "
+    "Context Control (arXiv 2411.12892)",
+    reference=functools.partial(selective_attention, impl="reference"),
+    impls={impl: functools.partial(selective_attention, impl=impl) for impl in softmax_api.IMPLS},
+    op=selective_attention,
+    module="attnjax.nn.softmax_variants:SelectiveAttention",
+    capabilities=frozenset({"mask", "segment_ids", "gqa", "softcap", "sinks"}),
+    defaults={"mask": masks.causal()},
+    description="query temperature from the query and its position; per-token value scale",
+  )
+)
