@@ -13,15 +13,12 @@ included (188 s for `neighborhood` on a CPU shared with other jobs). Expected re
 eval accuracy >= 0.95 for every preset; measured at step 400 on that CPU: neighborhood 0.977,
 dilated 1.000, halo 0.980, maxvit 0.990, biformer 0.992, wide 0.986.
 
-This file also adds the `vit` model kind and the `shapes` data kind to
-`attnjax.training.tasks`, so `train.py` and `eval.py` run it unchanged.
+The `vit` model kind and the `shapes` data kind live in `attnjax.training.tasks`, so
+`train.py` and `eval.py` run it unchanged.
 """
 
 import ml_collections
 
-from attnjax.data.shapes import Shapes
-from attnjax.nn.vision import VisionTransformer, classification_loss
-from attnjax.training import tasks
 from attnjax.training.config import default_config, lock
 
 PRESETS = {
@@ -32,45 +29,6 @@ PRESETS = {
   "biformer": ("biformer", {"region_size": 2, "topk": 4}),
   "wide": ("neighborhood", {"kernel_size": 7}),
 }
-
-
-def build_vit(config: ml_collections.ConfigDict, rngs) -> VisionTransformer:
-  m = config.model
-  return VisionTransformer(
-    image_size=config.data.shapes.image_size,
-    patch_size=config.data.shapes.patch_size,
-    num_classes=m.vit.num_classes,
-    embed_dim=m.embed_dim,
-    depth=m.depth,
-    num_heads=m.num_heads,
-    num_kv_heads=m.num_kv_heads or None,
-    head_dim=m.head_dim or None,
-    mlp_dim=m.mlp_dim,
-    layer_pattern=m.layer_pattern,
-    mixer_options={name: dict(options) for name, options in m.mixer_options.items()},
-    rngs=rngs,
-  )
-
-
-def make_shapes(config, split: str = "train", seq_len: int | None = None) -> Shapes:
-  del split, seq_len  # examples are drawn per split by the source; image size is fixed
-  return Shapes(**config.data.shapes)
-
-
-def validate_shapes(config) -> None:
-  try:
-    source = make_shapes(config)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"data.shapes: {e}") from None
-  if config.model.vit.num_classes != source.num_classes:
-    raise ValueError(
-      f"model.vit.num_classes={config.model.vit.num_classes} must be the shapes task's "
-      f"{source.num_classes} classes"
-    )
-
-
-tasks.MODELS.setdefault("vit", tasks.ModelKind(build=build_vit, loss=classification_loss))
-tasks.DATASETS.setdefault("shapes", tasks.DataKind(make=make_shapes, validate=validate_shapes))
 
 
 def get_config(preset: str = "neighborhood"):

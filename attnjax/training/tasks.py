@@ -23,7 +23,9 @@ from jax.experimental import multihost_utils
 
 from attnjax import data, nn
 from attnjax.data import text
+from attnjax.data.shapes import Shapes
 from attnjax.nn.softmax_variants import AUX_LOSS
+from attnjax.nn.vision import VisionTransformer, classification_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,11 +143,50 @@ def _validate_text(config):
     )
 
 
-MODELS: dict[str, ModelKind] = {"lm": ModelKind(build=build_lm, loss=lm_loss)}
+def build_vit(config: ml_collections.ConfigDict, rngs) -> VisionTransformer:
+  m = config.model
+  return VisionTransformer(
+    image_size=config.data.shapes.image_size,
+    patch_size=config.data.shapes.patch_size,
+    num_classes=m.vit.num_classes,
+    embed_dim=m.embed_dim,
+    depth=m.depth,
+    num_heads=m.num_heads,
+    num_kv_heads=m.num_kv_heads or None,
+    head_dim=m.head_dim or None,
+    mlp_dim=m.mlp_dim,
+    layer_pattern=m.layer_pattern,
+    mixer_options={name: dict(options) for name, options in m.mixer_options.items()},
+    rngs=rngs,
+  )
+
+
+def make_shapes(config, split: str = "train", seq_len: int | None = None) -> Shapes:
+  del split, seq_len  # examples are drawn per split by the source; image size is fixed
+  return Shapes(**config.data.shapes)
+
+
+def validate_shapes(config) -> None:
+  try:
+    source = make_shapes(config)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"data.shapes: {e}") from None
+  if config.model.vit.num_classes != source.num_classes:
+    raise ValueError(
+      f"model.vit.num_classes={config.model.vit.num_classes} must be the shapes task's "
+      f"{source.num_classes} classes"
+    )
+
+
+MODELS: dict[str, ModelKind] = {
+  "lm": ModelKind(build=build_lm, loss=lm_loss),
+  "vit": ModelKind(build=build_vit, loss=classification_loss),
+}
 
 DATASETS: dict[str, DataKind] = {
   "mqar": _synthetic("mqar", data.MQAR),
   "passkey": _synthetic("passkey", data.Passkey),
   "selective_copy": _synthetic("selective_copy", data.SelectiveCopy),
   "text": DataKind(make=_make_text, validate=_validate_text),
+  "shapes": DataKind(make=make_shapes, validate=validate_shapes),
 }
