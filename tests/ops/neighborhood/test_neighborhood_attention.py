@@ -143,10 +143,9 @@ def test_exported_from_ops_and_auto_runs_on_cpu():
   assert_close(auto, ref(q, k, v), 1e-4)
 
 
+@pytest.mark.skipif(jax.default_backend() == "tpu", reason="on TPU impl='pallas' is supported")
 def test_pallas_is_unsupported_off_tpu():
   q, k, v, _ = _inputs(6, (16,), 2, 2, 8)
-  if jax.default_backend() == "tpu":
-    pytest.skip("runs the kernel on TPU")
   with pytest.raises(registry.Unsupported, match="TPU"):
     neighborhood_attention(q, k, v, kernel_size=5, impl="pallas")
 
