@@ -16,6 +16,8 @@ The last line is normalized linear attention of (phi(q), phi(k), c * v), compute
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -26,12 +28,47 @@ from attnjax.ops.linear import api
 _EPS = 1e-6
 
 
-def _mean_over_visible(x: jax.Array, causal: bool) -> jax.Array:
-  """`[b, t, ...]` -> mean over positions `<= i` (causal) or over all positions, same shape."""
+class FlowState(NamedTuple):
+  """What causal flow attention carries across tokens (all float32, query heads `h`).
+
+  count `[b]` tokens seen; sum_k, sum_q, sum_k_over_out, sum_q_over_in `[b, h, d]` running
+  sums of phi(k), phi(q), phi(k_j) / O_j, phi(q_i) / I_i; sum_source `[b, h]` of
+  exp(O^_j); linear `[b, h, d, dv + 1]` the normalized linear-attention state.
+  """
+
+  count: jax.Array
+  sum_k: jax.Array
+  sum_q: jax.Array
+  sum_k_over_out: jax.Array
+  sum_q_over_in: jax.Array
+  sum_source: jax.Array
+  linear: jax.Array
+
+  @classmethod
+  def zeros(cls, batch: int, heads: int, head_dim: int, value_dim: int) -> FlowState:
+    """The state before the first token."""
+    sums = jnp.zeros((batch, heads, head_dim), jnp.float32)
+    return cls(
+      jnp.zeros((batch,), jnp.float32),
+      sums,
+      sums,
+      sums,
+      sums,
+      jnp.zeros((batch, heads), jnp.float32),
+      jnp.zeros((batch, heads, head_dim, value_dim + 1), jnp.float32),
+    )
+
+
+def _visible_mean(x: jax.Array, causal: bool, prior_sum: jax.Array, prior_count: jax.Array):
+  """`[b, t, ...]` -> (mean over positions `<= i` (causal) or all, same shape; new sum).
+
+  Causal means include `prior_sum` over `prior_count [b]` earlier tokens.
+  """
   if not causal:
-    return jnp.broadcast_to(jnp.mean(x, axis=1, keepdims=True), x.shape)
-  counts = jnp.arange(1, x.shape[1] + 1, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 2)))
-  return jnp.cumsum(x, axis=1) / counts
+    return jnp.broadcast_to(jnp.mean(x, axis=1, keepdims=True), x.shape), None
+  sums = prior_sum[:, None] + jnp.cumsum(x, axis=1)
+  counts = prior_count[:, None] + jnp.arange(1, x.shape[1] + 1, dtype=jnp.float32)
+  return sums / counts.reshape(*counts.shape, *([1] * (x.ndim - 2))), sums[:, -1]
 
 
 def flow_attention(
@@ -40,28 +77,78 @@ def flow_attention(
   v: jax.Array,
   *,
   causal: bool = True,
+  initial_state: FlowState | None = None,
+  return_final_state: bool = False,
   chunk_size: int = 64,
   impl: str = "auto",
-) -> jax.Array:
-  """`q [b, t, h, d]`, `k [b, t, hk, d]`, `v [b, t, hk, dv]` -> `[b, t, h, dv]`."""
+):
+  """`q [b, t, h, d]`, `k [b, t, hk, d]`, `v [b, t, hk, dv]` -> `[b, t, h, dv]`.
+
+  Causal calls take and return a `FlowState` (`initial_state`, `return_final_state`), so a
+  sequence can be processed in pieces or decoded token by token (`flow_step`).
+  """
   shape = check_qkv(q, k, v, same_length=True)
+  if not causal and (initial_state is not None or return_final_state):
+    raise ValueError("flow_attention carries a state only when causal=True")
+  state = initial_state
+  if state is None:
+    state = FlowState.zeros(shape.batch, shape.heads, shape.head_dim, v.shape[-1])
+  elif state.linear.shape != (shape.batch, shape.heads, shape.head_dim, v.shape[-1] + 1):
+    raise ValueError(
+      f"initial_state.linear must be [batch, heads, head_dim, value_dim + 1] = "
+      f"{(shape.batch, shape.heads, shape.head_dim, v.shape[-1] + 1)}, got shape "
+      f"{state.linear.shape}"
+    )
   phi_q = jax.nn.sigmoid(q.astype(jnp.float32))
   phi_k = jnp.repeat(jax.nn.sigmoid(k.astype(jnp.float32)), shape.groups, axis=2)
   values = jnp.repeat(v.astype(jnp.float32), shape.groups, axis=2)
-  incoming = jnp.sum(phi_q * _mean_over_visible(phi_k, causal), axis=-1) + _EPS  # [b, t, h]
-  outgoing = jnp.sum(phi_k * _mean_over_visible(phi_q, causal), axis=-1) + _EPS
-  conserved_in = jnp.sum(phi_q * _mean_over_visible(phi_k / outgoing[..., None], causal), -1)
-  conserved_out = jnp.sum(phi_k * _mean_over_visible(phi_q / incoming[..., None], causal), -1)
+
+  def mean(x, prior_sum):
+    return _visible_mean(x, causal, prior_sum, state.count)
+
+  mean_k, sum_k = mean(phi_k, state.sum_k)
+  mean_q, sum_q = mean(phi_q, state.sum_q)
+  incoming = jnp.sum(phi_q * mean_k, axis=-1) + _EPS  # [b, t, h]
+  outgoing = jnp.sum(phi_k * mean_q, axis=-1) + _EPS
+  mean_k_over_out, sum_k_over_out = mean(phi_k / outgoing[..., None], state.sum_k_over_out)
+  mean_q_over_in, sum_q_over_in = mean(phi_q / incoming[..., None], state.sum_q_over_in)
+  conserved_in = jnp.sum(phi_q * mean_k_over_out, -1)
+  conserved_out = jnp.sum(phi_k * mean_q_over_in, -1)
   source_weight = jnp.exp(jnp.clip(conserved_out, -1.0, 1.0))
-  competition = source_weight / _mean_over_visible(source_weight, causal)
-  out = api.linear_attention(
+  mean_source, sum_source = mean(source_weight, state.sum_source)
+  out, linear = api.linear_attention(
     phi_q,
     phi_k,
-    values * competition[..., None],
+    values * (source_weight / mean_source)[..., None],
     normalize=True,
     scale=1.0,
+    initial_state=state.linear,
+    return_final_state=True,
     causal=causal,
     chunk_size=chunk_size,
     impl=impl,
   )
-  return (out * jax.nn.sigmoid(conserved_in)[..., None]).astype(q.dtype)
+  out = (out * jax.nn.sigmoid(conserved_in)[..., None]).astype(q.dtype)
+  if not return_final_state:
+    return out
+  count = state.count + shape.q_len
+  return out, FlowState(count, sum_k, sum_q, sum_k_over_out, sum_q_over_in, sum_source, linear)
+
+
+def flow_step(
+  q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, state: FlowState | None
+) -> tuple[jax.Array, FlowState]:
+  """One causal decoding step: `q_t [b, h, d]`, `k_t [b, hk, d]`, `v_t [b, hk, dv]`, state
+  (None before the first token) -> (`o_t [b, h, dv]`, new state)."""
+  for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+    if x.ndim != 3:
+      raise ValueError(f"{name} must be [batch, heads, dim] (one token), got shape {x.shape}")
+  out, state = flow_attention(
+    q_t[:, None],
+    k_t[:, None],
+    v_t[:, None],
+    initial_state=state,
+    return_final_state=True,
+    impl="reference",
+  )
+  return out[:, 0], state

@@ -98,7 +98,7 @@ _register(
   "Qin et al. 2024, You Only Scan Once: LightNet (arXiv 2405.21022)",
   "additive recurrence = decay z_{t-1}/z_t with keys exp(k_t)/z_t",
   impl_names=_LINEAR_IMPLS,
-  capabilities=frozenset({"gqa", "causal"}),
+  capabilities=frozenset({"gqa", "state", "step", "causal"}),
 )
 _register(
   "flowformer",
@@ -106,7 +106,7 @@ _register(
   "Wu et al. 2022, Flowformer: Linearizing Transformers with Conservation Flows (ICML)",
   "sigmoid features, flow-conservation normalization",
   impl_names=_LINEAR_IMPLS,
-  capabilities=frozenset({"gqa", "causal", "bidirectional"}),
+  capabilities=frozenset({"gqa", "state", "step", "causal", "bidirectional"}),
 )
 _register(
   "agent",
