@@ -42,9 +42,6 @@ class GatedAttention(Attention):
     self,
     embed_dim: int,
     *,
-    num_heads: int,
-    num_kv_heads: int | None = None,
-    head_dim: int | None = None,
     variant: str = "gated",
     rngs: nnx.Rngs,
     gate: str = "elementwise",
@@ -52,13 +49,11 @@ class GatedAttention(Attention):
   ):
     super().__init__(
       embed_dim,
-      num_heads=num_heads,
-      num_kv_heads=num_kv_heads,
-      head_dim=head_dim,
       variant=variant,
       rngs=rngs,
       **attention_options,
     )
+    num_heads = self.q.shape[1]
     if gate not in ("elementwise", "headwise"):
       raise ValueError(f"gate must be 'elementwise' or 'headwise', got gate={gate!r}")
     head_dim = self.q.shape[2]
@@ -87,9 +82,6 @@ class SinkAttention(Attention):
     self,
     embed_dim: int,
     *,
-    num_heads: int,
-    num_kv_heads: int | None = None,
-    head_dim: int | None = None,
     variant: str = "sinks",
     rngs: nnx.Rngs,
     num_sink_tokens: int = 0,
@@ -97,13 +89,11 @@ class SinkAttention(Attention):
   ):
     super().__init__(
       embed_dim,
-      num_heads=num_heads,
-      num_kv_heads=num_kv_heads,
-      head_dim=head_dim,
       variant=variant,
       rngs=rngs,
       **attention_options,
     )
+    num_heads = self.q.shape[1]
     if num_sink_tokens < 0:
       raise ValueError(f"num_sink_tokens must be >= 0, got {num_sink_tokens}")
     _, kv_heads, head_dim = self.k.shape
@@ -140,9 +130,6 @@ class MoHAttention(Attention):
     self,
     embed_dim: int,
     *,
-    num_heads: int,
-    num_kv_heads: int | None = None,
-    head_dim: int | None = None,
     variant: str = "moh",
     rngs: nnx.Rngs,
     num_shared_heads: int | None = None,
@@ -152,13 +139,11 @@ class MoHAttention(Attention):
   ):
     super().__init__(
       embed_dim,
-      num_heads=num_heads,
-      num_kv_heads=num_kv_heads,
-      head_dim=head_dim,
       variant=variant,
       rngs=rngs,
       **attention_options,
     )
+    num_heads = self.q.shape[1]
     num_shared = num_heads // 4 if num_shared_heads is None else num_shared_heads
     num_routed = num_heads - num_shared
     top_k = max(1, num_routed // 2) if top_k is None else top_k
@@ -343,9 +328,6 @@ class DisentangledAttention(Attention):
     self,
     embed_dim: int,
     *,
-    num_heads: int,
-    num_kv_heads: int | None = None,
-    head_dim: int | None = None,
     variant: str = "disentangled",
     rngs: nnx.Rngs,
     num_buckets: int = 32,
@@ -356,9 +338,6 @@ class DisentangledAttention(Attention):
   ):
     super().__init__(
       embed_dim,
-      num_heads=num_heads,
-      num_kv_heads=num_kv_heads,
-      head_dim=head_dim,
       variant=variant,
       rngs=rngs,
       use_rope=use_rope,
@@ -407,9 +386,6 @@ class SelectiveAttention(Attention):
     self,
     embed_dim: int,
     *,
-    num_heads: int,
-    num_kv_heads: int | None = None,
-    head_dim: int | None = None,
     variant: str = "selective",
     rngs: nnx.Rngs,
     value_temperature: bool = True,
@@ -417,13 +393,11 @@ class SelectiveAttention(Attention):
   ):
     super().__init__(
       embed_dim,
-      num_heads=num_heads,
-      num_kv_heads=num_kv_heads,
-      head_dim=head_dim,
       variant=variant,
       rngs=rngs,
       **attention_options,
     )
+    num_heads = self.q.shape[1]
     _, kv_heads, head_dim = self.k.shape
     zeros = nnx.initializers.zeros
     self.temp_pos = param(rngs, zeros, (num_heads,), ("heads",))
