@@ -29,6 +29,11 @@ class LocalAttention(nnx.Module):
   axis of a language model: `use_rope` (default on for 1-D) adds rotary positions and
   `neighborhood` is causal unless `is_causal` is given. `variant_options` go to the op on
   every call (e.g. `kernel_size=7, dilation=2` for `neighborhood`).
+
+  `local_context=n` adds BiFormer's local context enhancement (Zhu et al. 2023): a depthwise
+  `n`-wide convolution of v over the grid, added to the attention output per head (parameter
+  `lce [*n, kv_heads, head_dim]`); 0 turns it off. It needs a grid (`spatial_shape`): on a 1-D
+  causal sequence it would read future tokens.
   """
 
   def __init__(
@@ -45,9 +50,15 @@ class LocalAttention(nnx.Module):
     rope_base: float = 10_000.0,
     impl: str = "auto",
     dtype=jnp.float32,
+    local_context: int = 0,
     **variant_options,
   ):
     num_kv_heads, head_dim = resolve_heads(embed_dim, num_heads, num_kv_heads, head_dim)
+    if local_context and (spatial_shape is None or local_context < 0 or local_context % 2 == 0):
+      raise ValueError(
+        f"local_context must be 0 or an odd kernel width with a spatial_shape grid, got "
+        f"local_context={local_context}, spatial_shape={spatial_shape}"
+      )
     if registry.get(variant).family != "neighborhood":
       raise ValueError(f"LocalAttention runs local-attention variants, got variant={variant!r}")
     self.spatial_shape = None if spatial_shape is None else tuple(spatial_shape)
@@ -73,6 +84,33 @@ class LocalAttention(nnx.Module):
     self.out = param(
       rngs, fan_in_init(2), (num_heads, head_dim, embed_dim), ("heads", "head_dim", "embed")
     )
+    grid = 0 if spatial_shape is None else len(spatial_shape)
+    self.lce = (
+      param(
+        rngs,
+        fan_in_init(grid),
+        (*(local_context,) * grid, num_kv_heads, head_dim),
+        (*(None,) * grid, "kv_heads", "head_dim"),
+      )
+      if local_context
+      else None
+    )
+
+  def _local_context(self, v: jax.Array, heads: int) -> jax.Array:
+    """Depthwise convolution of `v [b, *grid, kv_heads, d]` -> `[b, *grid, heads, d]`."""
+    grid = v.ndim - 3
+    letters = "DHW"[3 - grid :]
+    channels = v.shape[-2] * v.shape[-1]
+    kernel = self.lce[...].astype(self.dtype).reshape(*self.lce.shape[:grid], 1, channels)
+    out = jax.lax.conv_general_dilated(
+      v.reshape(*v.shape[:-2], channels),
+      kernel,
+      window_strides=(1,) * grid,
+      padding="SAME",
+      dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"),
+      feature_group_count=channels,
+    )
+    return jnp.repeat(out.reshape(v.shape), heads // v.shape[-2], axis=-2)
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     """`x [batch, seq, embed]` -> `[batch, seq, embed]`; packed sequences are not supported."""
@@ -95,6 +133,8 @@ class LocalAttention(nnx.Module):
       k = apply_rope(k, positions, base=self.rope_base)
     q, k, v = (t.reshape(t.shape[0], *spatial, *t.shape[2:]) for t in (q, k, v))
     out = registry.get(self.variant)(q, k, v, impl=self.impl, **dict(self.variant_options))
+    if self.lce is not None:
+      out = out + self._local_context(v, q.shape[-2]).astype(out.dtype)
     out = out.reshape(x.shape[0], x.shape[1], *out.shape[-2:])
     return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))
 

@@ -19,6 +19,11 @@ MIXERS = {
   "halo": ("halo", dict(block_size=2, halo_size=1, spatial_shape=(4, 6)), 24),
   "maxvit": ("maxvit", dict(window_size=2, spatial_shape=(4, 6)), 24),
   "biformer": ("biformer", dict(region_size=2, topk=2, spatial_shape=(4, 6)), 24),
+  "biformer_lce": (
+    "biformer",
+    dict(region_size=2, topk=2, spatial_shape=(4, 6), local_context=3),
+    24,
+  ),
 }
 
 
@@ -49,6 +54,35 @@ def test_local_attention_is_projections_around_the_op():
   out = neighborhood_attention(q, k, v, kernel_size=3, impl="reference").reshape(1, 20, 3, 4)
   expected = jnp.einsum("bthk,hkd->btd", out, mixer.out[...])
   assert_close(nnx.jit(lambda mixer, x: mixer(x))(mixer, x), expected, 1e-4, "mixer vs op")
+
+
+def test_local_context_enhancement_is_a_depthwise_convolution_of_v():
+  mixer = LocalAttention(
+    8, num_heads=4, num_kv_heads=2, variant="biformer", rngs=nnx.Rngs(5),
+    spatial_shape=(4, 5), region_size=(2, 5), topk=1, local_context=3,
+  )  # fmt: skip
+  plain = LocalAttention(
+    8, num_heads=4, num_kv_heads=2, variant="biformer", rngs=nnx.Rngs(5),
+    spatial_shape=(4, 5), region_size=(2, 5), topk=1,
+  )  # fmt: skip
+  x = jax.random.normal(jax.random.PRNGKey(6), (2, 20, 8))
+  v = np.asarray(jnp.einsum("btd,dhk->bthk", x, mixer.v[...])).reshape(2, 4, 5, 2, 2)
+  w = np.asarray(mixer.lce[...])  # [3, 3, kv_heads, head_dim]
+  padded = np.pad(v, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
+  conv = sum(w[i, j] * padded[:, i : i + 4, j : j + 5] for i in range(3) for j in range(3))
+  conv = np.repeat(conv, 2, axis=-2).reshape(2, 20, 4, 2)  # kv head of each query head
+  extra = jnp.einsum("bthk,hkd->btd", conv, mixer.out[...])
+  assert_close(mixer(x) - plain(x), extra, 1e-4, "lce contribution")
+
+
+def test_local_context_needs_an_odd_width_and_a_grid():
+  with pytest.raises(ValueError, match="local_context"):
+    LocalAttention(8, num_heads=2, variant="biformer", rngs=nnx.Rngs(0), local_context=3)
+  with pytest.raises(ValueError, match="local_context"):
+    LocalAttention(
+      8, num_heads=2, variant="biformer", rngs=nnx.Rngs(0), spatial_shape=(4, 4),
+      local_context=4,
+    )  # fmt: skip
 
 
 def test_maxvit_mixer_has_two_sublayers():
