@@ -4,6 +4,9 @@ attention against xla causal softmax, with batch x T fixed, forward and forward+
     python benchmarks/linear.py           # T = 1k ... 64k, 64k tokens per call
     python benchmarks/linear.py --quick   # T = 1k, 4k, 16k tokens per call
 
+On TPU and GPU the Pallas kernel (`linear_pallas`: impl="pallas", which picks the Mosaic
+kernel on TPU and the Triton kernel on GPU) is timed too; pass `--impls` to choose.
+
 Linear attention here has a data-dependent scalar decay (the Lightning / Mamba-2 kind),
 identity features, chunk 64. Softmax is `dot_product_attention(..., mask=causal(),
 impl="xla")`, run up to `--softmax-max-len` (its cost grows with T). Each figure is the median
@@ -71,9 +74,10 @@ def main() -> None:
   parser.add_argument("--head-dim", type=int, default=64)
   parser.add_argument("--chunk-size", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument(
-    "--impls", nargs="*", default=["linear_xla", "linear_reference", "softmax_xla"]
-  )
+  default_impls = ["linear_xla", "linear_reference", "softmax_xla"]
+  if jax.default_backend() in ("tpu", "gpu"):
+    default_impls.insert(0, "linear_pallas")
+  parser.add_argument("--impls", nargs="*", default=default_impls)
   parser.add_argument("--softmax-max-len", type=int, default=16384)
   parser.add_argument("--out", default="linear", help="file stem under benchmarks/results/")
   args = parser.parse_args()

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels_pallas.chunked_linear.common import check_shapes
+
 CHUNK_MULTIPLE = 16  # chunk granularity that tiles both float32 (8) and bfloat16 (16) sublanes
 
 
@@ -341,7 +343,7 @@ def linear_attention(
     float32.
   """
   block_sizes = block_sizes or BlockSizes()
-  _check_shapes(q, k, v, log_decay, initial_state)
+  check_shapes(q, k, v, log_decay, initial_state)
   batch, seq, heads, _ = q.shape
   chunk = block_sizes.chunk
   padded = -(-seq // chunk) * chunk
@@ -368,32 +370,3 @@ def linear_attention(
   if not causal:
     return jnp.einsum("bthf,bhfv->bthv", q.astype(jnp.float32), final_state), final_state
   return out.transpose(0, 2, 1, 3)[:, :seq], final_state
-
-
-def _check_shapes(q, k, v, log_decay, initial_state):
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(
-      f"q, k, v must be [batch, seq, heads, dim], got {q.shape}, {k.shape}, {v.shape}"
-    )
-  batch, seq, heads, key_dim = q.shape
-  kv_heads = k.shape[2]
-  if k.shape != (batch, seq, kv_heads, key_dim) or kv_heads == 0 or heads % kv_heads:
-    raise ValueError(
-      f"k must be [batch={batch}, seq={seq}, kv_heads dividing {heads}, key_dim={key_dim}], "
-      f"got {k.shape}"
-    )
-  if v.shape[:3] != k.shape[:3]:
-    raise ValueError(
-      f"v must be [batch, seq, kv_heads, value_dim] = {k.shape[:3]} + (dv,), got {v.shape}"
-    )
-  if log_decay.shape not in ((batch, seq, heads, 1), (batch, seq, heads, key_dim)):
-    raise ValueError(
-      f"log_decay must be [batch, seq, heads, 1 | key_dim] = {(batch, seq, heads)} + (1 or "
-      f"{key_dim},), got {log_decay.shape}"
-    )
-  state_shape = (batch, heads, key_dim, v.shape[3])
-  if initial_state.shape != state_shape:
-    raise ValueError(
-      f"initial_state must be [batch, heads, key_dim, value_dim] = {state_shape}, "
-      f"got {initial_state.shape}"
-    )
