@@ -11,9 +11,10 @@ on when one raises `Unsupported` (a call it cannot handle, e.g. a Pallas kernel 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -58,7 +59,30 @@ class Variant:
   description: str = ""
 
   def __call__(self, *args, **kwargs):
-    return self.op(*args, **{**self.defaults, **kwargs})
+    op = self.op
+    for hook in _CALL_HOOKS:
+      op = hook(self, op)
+    return op(*args, **{**self.defaults, **kwargs})
+
+
+# Active `intercept` hooks, innermost last.
+_CALL_HOOKS: list[Callable[[Variant, Callable], Callable]] = []
+
+
+@contextlib.contextmanager
+def intercept(hook: Callable[[Variant, Callable], Callable]) -> Iterator[None]:
+  """Within the block, calling a `Variant` runs `hook(variant, op)` instead of its `op`.
+
+  The observation point for analysis tools (`attnjax.analysis`): models call their attention
+  through `registry.get(name)(...)`, so a hook sees every layer's op and its arguments (the
+  variant's `defaults` included) without any change to model code. Applies to calls traced
+  inside the block; nested blocks wrap the outer hook's result.
+  """
+  _CALL_HOOKS.append(hook)
+  try:
+    yield
+  finally:
+    _CALL_HOOKS.remove(hook)
 
 
 _REGISTRY: dict[str, Variant] = {}

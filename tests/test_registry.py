@@ -55,3 +55,21 @@ def test_readme_variant_table_is_up_to_date():
   assert registry.update_readme(text) == text, (
     "README.md's variant table is out of date: run `python -m attnjax variants README.md`"
   )
+
+
+def test_intercept_sees_each_call_with_the_variants_defaults_and_is_removed_after():
+  seen = []
+
+  def hook(variant, op):
+    def observed(*args, **kwargs):
+      seen.append((variant.name, sorted(kwargs)))
+      return op(*args, **kwargs)
+
+    return observed
+
+  q = jax.random.normal(jax.random.key(0), (1, 4, 2, 8))
+  with registry.intercept(hook):
+    inside = registry.get("linear")(q, q, q, impl="reference")
+  outside = registry.get("linear")(q, q, q, impl="reference")
+  assert seen == [("linear", ["feature_map", "impl", "normalize"])]
+  assert jnp.array_equal(inside, outside)
