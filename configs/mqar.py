@@ -11,6 +11,17 @@ Hardware and time: a 2-core CPU shared with other jobs; the `softmax` preset too
 Expected result: `softmax` prints a final eval accuracy >= 0.9 (measured: 1.000 on 1,024
 held-out answers; 0.996 already at step 400). `sliding_window` (window 8) cannot see keys
 outside its window and stays far lower.
+
+Sequence parallelism: split each sequence over 4 devices (here 8 simulated CPU devices, data=2
+x seq=4), ring attention in softmax layers and LASP-2 in linear layers:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python train.py \
+      --config=configs/mqar.py:hybrid_gla --config.model.num_heads=4 \
+      --config.mesh.shape.data=2 --config.mesh.shape.seq=4 \
+      --config.parallel.softmax=ring --config.parallel.linear=lasp2 --workdir=/tmp/mqar_seq4
+
+The losses equal those of the same run with `--config.mesh.shape.seq=1` up to float32
+rounding (`tests/training/test_seq_parallel_train.py`).
 """
 
 from attnjax import registry

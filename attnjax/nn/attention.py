@@ -16,6 +16,7 @@ from attnjax import registry
 from attnjax.nn.norm import RMSNorm
 from attnjax.nn.params import fan_in_init, param
 from attnjax.nn.rope import apply_rope
+from attnjax.nn.seq_parallel import SeqParallel, variant_op
 
 
 def resolve_heads(
@@ -45,7 +46,8 @@ class Attention(nnx.Module):
   Parameters (logical axes): `q [embed, heads, head_dim]`, `k`, `v [embed, kv_heads,
   head_dim]`, `out [heads, head_dim, embed]`; with `qk_norm`, `q_norm`, `k_norm [head_dim]`.
   `variant_options` go to the variant's op on every call (e.g. `window=` of
-  `sliding_window`); `impl` selects its implementation.
+  `sliding_window`); `impl` selects its implementation. With `seq_parallel` (see
+  `attnjax.nn.seq_parallel`) the op runs with the sequence split over a mesh axis.
   """
 
   def __init__(
@@ -62,6 +64,7 @@ class Attention(nnx.Module):
     qk_norm: bool = False,
     impl: str = "auto",
     dtype=jnp.float32,
+    seq_parallel: SeqParallel | None = None,
     **variant_options,
   ):
     num_kv_heads, head_dim = resolve_heads(embed_dim, num_heads, num_kv_heads, head_dim)
@@ -70,6 +73,7 @@ class Attention(nnx.Module):
     registry.get(variant)  # Fails early, listing the registered names.
     self.variant = variant
     self.impl = impl
+    self.seq_parallel = seq_parallel
     self.use_rope = use_rope
     self.rope_base = rope_base
     self.dtype = dtype
@@ -107,9 +111,8 @@ class Attention(nnx.Module):
   def attend(self, q, k, v, *args, segment_ids=None, **kwargs) -> jax.Array:
     """The registered variant's op with this mixer's `impl` and static options."""
     options = {**dict(self.variant_options), **kwargs}
-    return registry.get(self.variant)(
-      q, k, v, *args, segment_ids=segment_ids, impl=self.impl, **options
-    )
+    op = variant_op(self.variant, self.seq_parallel)
+    return op(q, k, v, *args, segment_ids=segment_ids, impl=self.impl, **options)
 
   def project_out(self, heads_out: jax.Array) -> jax.Array:
     """`[batch, seq, heads, head_dim]` -> `[batch, seq, embed]`."""

@@ -28,6 +28,7 @@ from attnjax import registry
 from attnjax.nn.attention import resolve_heads
 from attnjax.nn.norm import rms_normalize
 from attnjax.nn.params import fan_in_init, param
+from attnjax.nn.seq_parallel import SeqParallel, variant_op
 
 # GLA's decay projection rank and temperature (Yang et al. 2024: rank 16, divide by 16).
 GLA_DECAY_RANK = 16
@@ -63,7 +64,8 @@ class LinearAttention(nnx.Module):
   `v [embed, kv_heads, head_dim]`, `out [heads, head_dim, embed]`; gated variants add
   `gate [embed, heads, head_dim]`; `gla` adds `decay_down [embed, 16]`,
   `decay_up [16, heads, head_dim]`, `decay_bias [heads, head_dim]`. `qk_dim` is head_dim, or
-  `feature_dim` for `based`.
+  `feature_dim` for `based`. With `seq_parallel` (see `attnjax.nn.seq_parallel`) the op runs
+  with the sequence split over a mesh axis.
   """
 
   def __init__(
@@ -78,6 +80,7 @@ class LinearAttention(nnx.Module):
     impl: str = "auto",
     dtype=jnp.float32,
     feature_dim: int = 16,
+    seq_parallel: SeqParallel | None = None,
     **op_options,
   ):
     if variant not in DESIGNS:
@@ -94,6 +97,7 @@ class LinearAttention(nnx.Module):
     self.variant = variant
     self.design = design
     self.impl = impl
+    self.seq_parallel = seq_parallel
     self.dtype = dtype
     self.op_options = tuple(sorted(op_options.items()))  # static, hashable
     qk_dim = feature_dim if design.feature_dim else head_dim
@@ -146,7 +150,8 @@ class LinearAttention(nnx.Module):
         + self.decay_bias[...]
       )
       options["log_decay"] = jax.nn.log_sigmoid(logits.astype(jnp.float32)) / GLA_DECAY_TEMPERATURE
-    out = registry.get(self.variant)(q, k, v, impl=self.impl, **options)
+    op = variant_op(self.variant, self.seq_parallel)
+    out = op(q, k, v, impl=self.impl, **options)
     if self.design.gated:
       out = rms_normalize(out) * jax.nn.silu(project(self.gate))
     return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))

@@ -19,6 +19,7 @@ from attnjax import registry
 from attnjax.nn.mlp import SwiGLU
 from attnjax.nn.norm import RMSNorm
 from attnjax.nn.params import param
+from attnjax.nn.seq_parallel import SeqParallel
 
 
 def parse_layer_pattern(pattern: str | Sequence[str], depth: int) -> tuple[str, ...]:
@@ -75,6 +76,8 @@ class DecoderLM(nnx.Module):
     mixer_options: per-variant keyword options, `{"sliding_window": {"window": 16}}`.
     tie_embeddings: logits use the embedding matrix (else a separate `head [embed, vocab]`).
     dtype: activation dtype (parameters stay float32).
+    seq_parallel: run every mixer's attention op with the sequence split over a mesh axis
+      (see `attnjax.nn.seq_parallel`); every layer's variant is checked here. None: unsplit.
   """
 
   def __init__(
@@ -92,6 +95,7 @@ class DecoderLM(nnx.Module):
     mixer_options: Mapping[str, Mapping] | None = None,
     tie_embeddings: bool = True,
     dtype=jnp.float32,
+    seq_parallel: SeqParallel | None = None,
   ):
     self.layer_names = parse_layer_pattern(layer_pattern, depth)
     mixer_options = dict(mixer_options or {})
@@ -103,6 +107,11 @@ class DecoderLM(nnx.Module):
     self.embed = param(
       rngs, nnx.initializers.normal(embed_dim**-0.5), (vocab_size, embed_dim), ("vocab", "embed")
     )
+    parallel_options = {}
+    if seq_parallel is not None:
+      for name in dict.fromkeys(self.layer_names):
+        seq_parallel.check(name, mixer_options.get(name, {}))
+      parallel_options = {"seq_parallel": seq_parallel}
     blocks = []
     for name in self.layer_names:
       mixer = registry.mixer_class(name)(
@@ -112,6 +121,7 @@ class DecoderLM(nnx.Module):
         head_dim=head_dim,
         variant=name,
         rngs=rngs,
+        **parallel_options,
         **mixer_options.get(name, {}),
       )
       blocks.append(Block(embed_dim, mlp_dim, mixer, rngs=rngs, dtype=dtype))

@@ -11,11 +11,13 @@ Strategies by family:
   softmax (`dot_product_attention`): "ring" (zigzag by default), "allgather", "ulysses";
   linear (`linear_attention`): "lasp2", "zeco".
 "lasp2h" (hybrid models, LASP-2H) is "allgather" for softmax ops and "lasp2" for linear ops.
-`op` may also be a `functools.partial` of either op or a registered variant that only presets
-their keywords (`"gla"`, `"linear"`, `"based"`: the keywords become defaults) or, for
-"ulysses" only, any registered softmax variant (it fixes its own mask, which the other
-strategies must shift per chunk). Variants computing their own decay inside their op
-("lightning", "retention") are not accepted: LASP-2 and ZeCO need each shard's decay.
+`op` may also be a `functools.partial` of either op, a registered variant that only presets
+their keywords (`"gla"`, `"linear"`, `"based"`: the keywords become defaults), a mask preset
+of `dot_product_attention` (`"softmax"`, `"sliding_window"`, `"chunked"`, `"prefix_lm"`: its
+options, e.g. `window=`, become the mask) or, for "ulysses" only, any registered softmax
+variant (it fixes its own mask out of sight, which the other strategies must shift per
+chunk). Variants computing their own decay inside their op ("lightning", "retention") are not
+accepted: LASP-2 and ZeCO need each shard's decay.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 from attnjax import masks as masks_lib
 from attnjax import registry
 from attnjax.ops.linear import linear_attention
-from attnjax.ops.softmax import dot_product_attention
+from attnjax.ops.softmax import dot_product_attention, variants
 from attnjax.parallel import allgather, blocks, lasp2, ring, ulysses, zeco
 from attnjax.parallel import mesh as mesh_lib
 
@@ -53,28 +55,51 @@ _SOFTMAX_ARGS = frozenset(inspect.signature(dot_product_attention).parameters) -
 _LINEAR_ARGS = frozenset(inspect.signature(linear_attention).parameters) - {"q", "k", "v"}
 
 
-def _resolve(op) -> tuple[Callable, str, dict, bool]:
-  """(callable, family, fixed keywords, opaque) of `op`; opaque: a variant fixing its mask."""
+def _resolve(op) -> tuple[Callable, str, Callable[[dict], dict], bool]:
+  """(base op, family, call keywords -> base op keywords, opaque) of `op`.
+
+  Opaque: a softmax variant that fixes its mask out of sight (only ulysses can run it).
+  """
   if isinstance(op, str):
     op = registry.get(op)
   fixed: dict = {}
-  if isinstance(op, registry.Variant) and op.op in (dot_product_attention, linear_attention):
+  if isinstance(op, registry.Variant) and (
+    op.op in (dot_product_attention, linear_attention) or op.op in variants.MASK_PRESETS
+  ):
     op, fixed = op.op, dict(op.defaults)  # a variant that only presets keywords of a base op
   while isinstance(op, functools.partial):
     fixed = {**op.keywords, **fixed}
     if op.args:
       raise ValueError(f"op may be a partial with keywords only, got positional args {op.args}")
     op = op.func
+  if isinstance(op, registry.Variant):  # a variant computing more than a base op: opaque
+    if op.family != "softmax":
+      raise _unsupported(op)
+    return op.op, "softmax", lambda kwargs: {**op.defaults, **kwargs}, True
+
+  def merged(kwargs: dict) -> dict:
+    return {**fixed, **kwargs}
+
+  if op in variants.MASK_PRESETS:  # its options (e.g. window=) become the call's mask
+    return (
+      dot_product_attention,
+      "softmax",
+      lambda kwargs: variants.preset_call(op, merged(kwargs)),
+      False,
+    )
   if op is dot_product_attention:
-    return op, "softmax", fixed, False
+    return op, "softmax", merged, False
   if op is linear_attention:
-    return op, "linear", fixed, False
-  if isinstance(op, registry.Variant) and op.family == "softmax":
-    return op.op, "softmax", {**op.defaults, **fixed}, True
-  raise ValueError(
+    return op, "linear", merged, False
+  raise _unsupported(op)
+
+
+def _unsupported(op) -> ValueError:
+  return ValueError(
     f"sequence_parallel supports attnjax.ops.dot_product_attention, "
-    f"attnjax.ops.linear_attention, keyword partials and variants presetting their keywords "
-    f"(e.g. 'gla', 'linear', 'based') and, with strategy 'ulysses', any softmax variant; "
+    f"attnjax.ops.linear_attention, keyword partials, variants presetting their keywords "
+    f"(e.g. 'gla', 'linear', 'based'), the mask presets ('softmax', 'sliding_window', "
+    f"'chunked', 'prefix_lm') and, with strategy 'ulysses', any softmax variant; "
     f"got {getattr(op, 'name', op)!r}"
   )
 
@@ -92,8 +117,8 @@ def sequence_parallel(
 
   Args:
     op: `dot_product_attention`, `linear_attention`, a keyword `functools.partial` of one,
-      a variant (or its registry name) presetting their keywords, or (ulysses only) any
-      softmax variant.
+      a variant (or its registry name) presetting their keywords, a mask preset (its op or
+      name, e.g. "sliding_window"), or (ulysses only) any softmax variant.
     mesh: a `jax.sharding.Mesh` with axis `axis`.
     axis: the mesh axis the sequence is split over.
     strategy: see the module docstring; None: "ring" for softmax, "lasp2" for linear.
@@ -103,7 +128,7 @@ def sequence_parallel(
   Returns:
     A function with `op`'s signature on global arrays.
   """
-  func, family, fixed, opaque = _resolve(op)
+  func, family, prepare, opaque = _resolve(op)
   strategies = SOFTMAX_STRATEGIES if family == "softmax" else LINEAR_STRATEGIES
   strategy = DEFAULT_STRATEGY[family] if strategy is None else strategy
   if strategy not in strategies:
@@ -113,8 +138,8 @@ def sequence_parallel(
   if opaque and strategy != "ulysses":
     raise ValueError(
       f"strategy {strategy!r} must shift the mask per chunk and needs "
-      f"functools.partial(dot_product_attention, mask=...) rather than {func.__name__!r}; "
-      f"only 'ulysses' takes a variant as it is"
+      f"functools.partial(dot_product_attention, mask=...) or a mask preset rather than "
+      f"{func.__name__!r}; only 'ulysses' takes a variant as it is"
     )
   mesh_lib.axis_size(mesh, axis)
   options = {"mesh": mesh, "axis": axis, "batch_axes": batch_axes, **strategy_options}
@@ -122,9 +147,9 @@ def sequence_parallel(
   # compiled computation; under an outer jit this inlines.
   run = functools.partial(strategies[strategy], **options)
   if family == "softmax":
-    wrapped = _softmax(func, fixed, jax.jit(run, static_argnums=0))
+    wrapped = _softmax(func, prepare, jax.jit(run, static_argnums=0))
   else:
-    wrapped = _linear(func, fixed, jax.jit(run, static_argnums=0, static_argnames="op_kwargs"))
+    wrapped = _linear(func, prepare, jax.jit(run, static_argnums=0, static_argnames="op_kwargs"))
   wrapped.__doc__ = (
     f"{strategy} sequence-parallel form of {getattr(func, '__name__', func)} over mesh axis "
     f"{axis!r}.\n\n{func.__doc__ or ''}"
@@ -138,9 +163,9 @@ def _check_args(kwargs: dict, allowed: frozenset, name: str) -> None:
     raise TypeError(f"{name} got unexpected keyword arguments {unknown}")
 
 
-def _softmax(op: Callable, fixed: dict, run: Callable) -> Callable:
+def _softmax(op: Callable, prepare: Callable[[dict], dict], run: Callable) -> Callable:
   def attention(q, k, v, **kwargs):
-    kwargs = {**fixed, **kwargs}
+    kwargs = prepare(kwargs)
     _check_args(kwargs, _SOFTMAX_ARGS, "dot_product_attention")
     mask = kwargs.pop("mask", None)
     segment_ids = kwargs.pop("segment_ids", None)
@@ -177,9 +202,9 @@ def _segments(segment_ids, batch_seq: tuple[int, int]):
   return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32), segment_ids.padding_id
 
 
-def _linear(op: Callable, fixed: dict, run: Callable) -> Callable:
+def _linear(op: Callable, prepare: Callable[[dict], dict], run: Callable) -> Callable:
   def attention(q, k, v, **kwargs):
-    kwargs = {**fixed, **kwargs}
+    kwargs = prepare(kwargs)
     _check_args(kwargs, _LINEAR_ARGS, "linear_attention")
     log_decay = kwargs.pop("log_decay", None)
     initial_state = kwargs.pop("initial_state", None)

@@ -4,6 +4,13 @@ Every config file starts from `default_config()` (the full schema), sets its fie
 returns `lock(config)`: a locked ConfigDict rejects unknown keys (`--config.modle.depth=2`
 fails at flag parsing, naming the key) and type changes. `validate(config)` then checks
 values, naming the offending key, before anything is traced or compiled.
+
+Sequence parallelism: with `mesh.shape.seq > 1` every mixer's attention op runs with the
+sequence split over the mesh axis `seq` (`attnjax.parallel.sequence_parallel`), using
+`parallel.softmax` ("ring", "allgather", "ulysses"; "lasp2h" is "allgather") in softmax layers
+and `parallel.linear` ("lasp2", "zeco"; "lasp2h" is "lasp2") in linear layers, e.g.
+`--config.mesh.shape.seq=4 --config.parallel.softmax=allgather`. Data batches are split over
+`seq` by the `seq` rule of `mesh.rules`; the parameters and checkpoints do not change.
 """
 
 from __future__ import annotations
@@ -11,12 +18,14 @@ from __future__ import annotations
 import ml_collections
 
 from attnjax import registry
+from attnjax.parallel import api as parallel_api
 
 # Logical axis -> mesh axes (None: replicated). FSDP shards the embedding dimension of every
-# weight; tensor parallelism shards heads and MLP units; batches split over data x fsdp.
+# weight; tensor parallelism shards heads and MLP units; batches split over data x fsdp and
+# their sequence dimension over seq.
 DEFAULT_RULES = (
   ("batch", ("data", "fsdp")),
-  ("seq", None),
+  ("seq", "seq"),
   ("embed", "fsdp"),
   ("heads", "tensor"),
   ("kv_heads", "tensor"),
@@ -83,6 +92,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.shape = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, seq=1))
   c.mesh.rules = DEFAULT_RULES
 
+  # Sequence-parallel strategy per mixer family, used when mesh.shape.seq > 1.
+  c.parallel = ml_collections.ConfigDict(dict(softmax="ring", linear="lasp2"))
+
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False  # True, or set JAX_COORDINATOR_ADDRESS
   c.distributed.coordinator_address = ""
@@ -104,6 +116,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, "model.kind", tuple(tasks.MODELS))
   _choice(config, "data.kind", tuple(tasks.DATASETS))
   _choice(config, "model.dtype", DTYPES)
+  _choice(config, "parallel.softmax", tuple(parallel_api.SOFTMAX_STRATEGIES))
+  _choice(config, "parallel.linear", tuple(parallel_api.LINEAR_STRATEGIES))
   for key in ("model.vocab_size", "model.embed_dim", "model.depth", "model.num_heads"):
     _positive(config, key)
   for key in ("model.num_kv_heads", "model.head_dim", "model.mlp_dim"):

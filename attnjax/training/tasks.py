@@ -24,19 +24,23 @@ from jax.experimental import multihost_utils
 from attnjax import data, nn
 from attnjax.data import text
 from attnjax.data.shapes import Shapes
+from attnjax.nn.seq_parallel import SeqParallel
 from attnjax.nn.softmax_variants import AUX_LOSS
 from attnjax.nn.vision import VisionTransformer, classification_loss
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelKind:
-  """`build(config, rngs) -> nnx.Module`; `loss(module, batch) -> (loss, metric sums)`.
+  """`build(config, rngs, mesh=None) -> nnx.Module`; `loss(module, batch) -> (loss, sums)`.
+
+  `mesh` is the mesh the model will run on (None: unknown, as when only its shapes are
+  needed); a model that splits its sequence over the mesh axis `seq` reads it.
 
   The sums hold `loss_sum`, `correct_sum` and `weight_sum` over the batch (eval adds them
   up over batches), and optionally `aux_loss`.
   """
 
-  build: Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
+  build: Callable[..., nnx.Module]
   loss: Callable[[nnx.Module, dict], tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -48,7 +52,26 @@ class DataKind:
   validate: Callable[[ml_collections.ConfigDict], None]
 
 
-def build_lm(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nn.DecoderLM:
+def seq_parallel(config: ml_collections.ConfigDict, mesh) -> SeqParallel | None:
+  """The mixers' sequence-parallel context on `mesh`: None unless it splits axis `seq`.
+
+  Strategies come from `config.parallel`; the batch stays split over the mesh axes that
+  `mesh.rules` gives the logical axis `batch`.
+  """
+  if mesh is None or mesh.shape["seq"] == 1:
+    return None
+  batch = dict(config.mesh.rules).get("batch")
+  batch_axes = None if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
+  return SeqParallel(
+    mesh,
+    softmax=config.parallel.softmax,
+    linear=config.parallel.linear,
+    axis="seq",
+    batch_axes=batch_axes,
+  )
+
+
+def build_lm(config: ml_collections.ConfigDict, rngs: nnx.Rngs, mesh=None) -> nn.DecoderLM:
   m = config.model
   return nn.DecoderLM(
     vocab_size=m.vocab_size,
@@ -62,6 +85,7 @@ def build_lm(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nn.DecoderLM:
     mixer_options={name: dict(options) for name, options in m.mixer_options.items()},
     tie_embeddings=m.tie_embeddings,
     dtype=jnp.dtype(m.dtype),
+    seq_parallel=seq_parallel(config, mesh),
     rngs=rngs,
   )
 
@@ -143,7 +167,12 @@ def _validate_text(config):
     )
 
 
-def build_vit(config: ml_collections.ConfigDict, rngs) -> VisionTransformer:
+def build_vit(config: ml_collections.ConfigDict, rngs, mesh=None) -> VisionTransformer:
+  if mesh is not None and mesh.shape["seq"] > 1:
+    raise ValueError(
+      f"model.kind 'vit' has no sequence parallelism; set mesh.shape.seq=1, got "
+      f"mesh {dict(mesh.shape)}"
+    )
   m = config.model
   return VisionTransformer(
     image_size=config.data.shapes.image_size,

@@ -32,11 +32,15 @@ class Setup:
 
 
 def setup(config: ml_collections.ConfigDict, mesh, tx, schedule) -> Setup:
-  """Builds the model abstractly (no memory), derives shardings from logical axis names."""
+  """Builds the model abstractly (no memory), derives shardings from logical axis names.
+
+  The model is built for `mesh`: with `mesh.shape["seq"] > 1` its mixers split the sequence
+  over that axis (`tasks.seq_parallel`), and a layer that cannot be split raises here.
+  """
   model_kind = tasks.MODELS[config.model.kind]
 
   def init_params():
-    return nnx.split(model_kind.build(config, nnx.Rngs(config.seed)))
+    return nnx.split(model_kind.build(config, nnx.Rngs(config.seed), mesh))
 
   graphdef, abstract_params = jax.eval_shape(init_params)
   logical_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnjax import masks
+from attnjax import masks, registry
 from attnjax.ops import dot_product_attention
 from attnjax.parallel import mesh as mesh_lib
 from attnjax.parallel import ring, sequence_parallel
@@ -139,7 +139,29 @@ def test_partial_op_and_variant_for_ulysses():
   out = sequence_parallel("softmax", seq_mesh(), strategy="ulysses")(q, k, v, impl="reference")
   assert_close(out, ref, 1e-5, "variant")
   with pytest.raises(ValueError, match="only 'ulysses' takes a variant"):
-    sequence_parallel("softmax", seq_mesh(), strategy="ring")
+    sequence_parallel("softplus", seq_mesh(), strategy="ring")
+
+
+@pytest.mark.parametrize(
+  "strategy, preset, options, mask",
+  [
+    ("ring", "softmax", {}, masks.causal()),
+    ("ring", "sliding_window", {"window": 5}, masks.sliding_window(4)),
+    ("allgather", "chunked", {"chunk_size": 12}, masks.causal() & masks.chunked(12)),
+    ("ring", "prefix_lm", {"prefix_len": 11}, masks.prefix_lm(11)),
+  ],
+  ids=["ring-softmax", "ring-sliding_window", "allgather-chunked", "ring-prefix_lm"],
+)
+def test_mask_presets_run_under_every_strategy_with_their_options(strategy, preset, options, mask):
+  q, k, v, _ = _inputs(9, 1, 32, 4, 2, 8, jnp.float32)
+  ref = dot_product_attention(q, k, v, mask=mask, impl="reference")
+  by_name = sequence_parallel(preset, seq_mesh(), strategy=strategy)
+  assert_close(by_name(q, k, v, impl="reference", **options), ref, 1e-5, "by name")
+  preset_op = registry.get(preset).op
+  bound = sequence_parallel(functools.partial(preset_op, **options), seq_mesh(), strategy=strategy)
+  assert_close(bound(q, k, v, impl="reference"), ref, 1e-5, "partial of the preset op")
+  with pytest.raises(TypeError, match="takes no mask= argument"):
+    by_name(q, k, v, mask=masks.causal())
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,107 @@
+"""`SeqParallel`: how a model's mixers run their attention op with the sequence split.
+
+A `DecoderLM` built with `seq_parallel=SeqParallel(mesh, softmax="ring", linear="lasp2")`
+checks every layer's variant once (`check`, at build time) and hands the context to its
+mixers; each mixer then calls `variant_op(variant, seq_parallel)`: the variant's op wrapped by
+`attnjax.parallel.sequence_parallel` with its family's strategy, or `registry.get(variant)`
+without a context. Only the attention op runs under `shard_map`: projections, norms and
+MLPs stay ordinary code on global arrays that GSPMD partitions. The context is a frozen,
+hashable dataclass, a static attribute of the mixer (it adds no parameter), so a model's
+parameter tree is the same with and without it and checkpoints interchange.
+
+Layers qualify when their mixer calls the op as `op(q, k, v, segment_ids=..., **options)`
+(`Attention`, `LinearAttention`) and `sequence_parallel` accepts the variant under the
+strategy: the mask presets (`softmax`, `sliding_window`, `chunked`, `prefix_lm`) under every
+softmax strategy, other plain-`Attention` softmax variants whose op returns its log-sum-exp
+under "ulysses" only, and the causal linear variants that preset `linear_attention`'s
+keywords (`linear`, `gla`, `based`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+import attnjax.parallel
+from attnjax import registry
+
+# Mixers that call their op with q, k, v and keywords only, as `sequence_parallel` needs.
+MIXERS = frozenset({"attnjax.nn.attention:Attention", "attnjax.nn.linear:LinearAttention"})
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqParallel:
+  """Sequence parallelism of the mixers' attention ops over mesh axis `axis`.
+
+  Attributes:
+    mesh: the `jax.sharding.Mesh` (or `AbstractMesh`) the model runs on.
+    softmax: strategy of softmax layers, a key of `attnjax.parallel.api.SOFTMAX_STRATEGIES`.
+    linear: strategy of linear layers, a key of `attnjax.parallel.api.LINEAR_STRATEGIES`.
+    axis: the mesh axis the sequence is split over.
+    batch_axes: the mesh axes the batch dimension is split over (e.g. `("data", "fsdp")`).
+  """
+
+  mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh
+  softmax: str = "ring"
+  linear: str = "lasp2"
+  axis: str = "seq"
+  batch_axes: tuple[str, ...] | None = None
+
+  def strategy(self, variant: str) -> str:
+    """The strategy of `variant`'s family; a `ValueError` for a family without one."""
+    family = registry.get(variant).family
+    strategies = {"softmax": self.softmax, "linear": self.linear}
+    if family not in strategies:
+      raise ValueError(
+        f"layer variant {variant!r} ({family} family) has no sequence-parallel strategy; "
+        f"sequence parallelism covers the softmax and linear families (set mesh.shape.seq=1)"
+      )
+    return strategies[family]
+
+  def op(self, variant: str) -> Callable:
+    """`variant`'s op on global `[batch, seq, heads, dim]` arrays, sharded over `axis`."""
+    return attnjax.parallel.sequence_parallel(
+      variant, self.mesh, self.axis, self.strategy(variant), batch_axes=self.batch_axes
+    )
+
+  def check(self, variant: str, options: Mapping[str, Any] | None = None) -> None:
+    """Raises a `ValueError` naming `variant` and its strategy if its layer cannot be split.
+
+    `options` are the layer's mixer options: `causal=False` (a bidirectional layer, whose
+    every token needs the whole sequence) cannot be split.
+    """
+    strategy, entry = self.strategy(variant), registry.get(variant)
+    reason = None
+    if entry.module not in MIXERS:
+      reason = (
+        f"its mixer {entry.module} passes more than q, k, v and keywords to its op; sequence "
+        f"parallelism takes the mixers {sorted(MIXERS)}"
+      )
+    elif (options or {}).get("causal", True) is False:
+      reason = "the layer is bidirectional (causal=False)"
+    elif entry.family == "softmax" and not _takes(entry.op, "return_lse"):
+      reason = "its op returns no log-sum-exp (return_lse=), which every softmax strategy needs"
+    else:
+      try:
+        self.op(variant)
+      except ValueError as e:
+        reason = str(e)
+    if reason is not None:
+      raise ValueError(
+        f"layer variant {variant!r} cannot run sequence-parallel with strategy {strategy!r}: "
+        f"{reason}"
+      )
+
+
+def _takes(op: Callable, keyword: str) -> bool:
+  parameters = inspect.signature(op).parameters.values()
+  return any(p.name == keyword or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def variant_op(variant: str, seq_parallel: SeqParallel | None) -> Callable:
+  """The op a mixer calls: `registry.get(variant)`, or its sequence-parallel form."""
+  return registry.get(variant) if seq_parallel is None else seq_parallel.op(variant)

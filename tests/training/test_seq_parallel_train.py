@@ -1,0 +1,148 @@
+"""Training with the sequence split over the mesh axis `seq` (issue 7): the losses of a hybrid
+model on a data=2 x seq=4 mesh equal those on data=2 x fsdp=4 (seq=1), on 8 CPU devices."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from attnjax.nn.seq_parallel import SeqParallel
+from attnjax.training import config as config_lib
+from attnjax.training import optimizer, sharding, tasks, trainer
+from tests.helpers import assert_close, random_normal
+from tests.training.tiny import tiny_config
+
+STEPS = 3
+
+
+def _hybrid(seq: int, softmax: str = "ring", linear: str = "lasp2", pattern="softmax,gla"):
+  """A 2-layer hybrid MQAR model (4 heads, sequences of 32) on data=2 x fsdp x seq = 8 CPUs."""
+  config = tiny_config(steps=STEPS)
+  config.model.depth = 2
+  config.model.num_heads = 4
+  config.model.layer_pattern = pattern
+  config.mesh.shape.update(dict(data=2, fsdp=4 // seq, tensor=1, seq=seq))
+  config.parallel.update(dict(softmax=softmax, linear=linear))
+  config_lib.validate(config)
+  return config
+
+
+def _setup(config):
+  mesh = sharding.make_mesh(config.mesh.shape)
+  return mesh, trainer.setup(config, mesh, *optimizer.make_optimizer(config.train))
+
+
+def _train_losses(config) -> list[float]:
+  """Losses of `STEPS` train steps of `config` (the trainer's own jitted step and batches)."""
+  mesh, setup = _setup(config)
+  mixers = [
+    block.mixer for block in nnx.merge(setup.graphdef, setup.abstract_state["params"]).blocks
+  ]
+  expected = tasks.seq_parallel(config, mesh)
+  assert all(mixer.seq_parallel == expected for mixer in mixers)  # split exactly when seq > 1
+  source = tasks.DATASETS[config.data.kind].make(config, "train")
+  step, state, losses = trainer.make_train_step(config, setup), setup.init(), []
+  for i in range(STEPS):
+    batch = trainer.load_batch(
+      source, i, config=config, mesh=mesh, split="train", batch_size=config.train.batch_size
+    )
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return losses
+
+
+@functools.cache
+def _unsplit_losses() -> tuple[float, ...]:
+  return tuple(_train_losses(_hybrid(seq=1)))
+
+
+@pytest.mark.parametrize(
+  "softmax, linear",
+  [("ring", "lasp2"), ("allgather", "zeco"), ("ulysses", "lasp2h")],
+  ids=["ring-lasp2", "allgather-zeco", "ulysses-lasp2h"],
+)
+def test_hybrid_losses_on_seq4_match_seq1(softmax, linear):
+  split = _train_losses(_hybrid(seq=4, softmax=softmax, linear=linear))
+  np.testing.assert_allclose(split, _unsplit_losses(), rtol=1e-4)
+
+
+def test_mixer_options_reach_the_split_ops_values_and_gradients():
+  """`sliding_window` (window 5, its mask shifted per shard) and `based` (feature map, scale)."""
+  config = _hybrid(seq=4, softmax="allgather", pattern="sliding_window,based")
+  config.model.mixer_options = {"sliding_window": {"window": 5}}
+  mesh = sharding.make_mesh(config.mesh.shape)
+  tokens = jax.random.randint(jax.random.key(0), (4, 32), 0, config.model.vocab_size)
+  weights = random_normal(jax.random.key(1), (4, 32, config.model.vocab_size))
+
+  @nnx.jit
+  def logits_and_grads(model):
+    def loss(model):
+      logits = model(tokens)
+      return jnp.sum(logits * weights), logits
+
+    return nnx.grad(loss, has_aux=True)(model)
+
+  grads, logits = logits_and_grads(tasks.MODELS["lm"].build(config, nnx.Rngs(0), mesh))
+  ref_grads, ref_logits = logits_and_grads(tasks.MODELS["lm"].build(config, nnx.Rngs(0)))
+  assert_close(logits, ref_logits, 1e-5, "logits")
+  ref_leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(ref_grads))
+  leaves = jax.tree.leaves(nnx.to_pure_dict(grads))
+  for (path, ref_grad), grad in zip(ref_leaves, leaves, strict=True):
+    assert_close(grad, ref_grad, 2e-5, jax.tree_util.keystr(path))
+
+
+def test_parameter_tree_does_not_depend_on_the_seq_axis():
+  """Checkpoints interchange: the same parameters, shapes and dtypes with seq=4 or seq=1."""
+  split, unsplit = (_setup(_hybrid(seq=seq))[1].abstract_state["params"] for seq in (4, 1))
+  assert jax.tree.structure(split) == jax.tree.structure(unsplit)
+  for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(unsplit), strict=True):
+    assert (a.shape, a.dtype) == (b.shape, b.dtype)
+
+
+@pytest.mark.parametrize(
+  "key, value, match",
+  [
+    ("softmax", "lasp2", r"parallel.softmax must be one of \['allgather', 'lasp2h', 'ring'"),
+    ("linear", "ring", r"parallel.linear must be one of \['lasp2', 'lasp2h', 'zeco'\]"),
+  ],
+)
+def test_unknown_strategy_is_a_config_error_naming_the_key(key, value, match):
+  config = tiny_config()
+  config.parallel[key] = value
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize(
+  "pattern, softmax, mixer_options, match",
+  [
+    ("softplus,gla", "ring", {}, "'softplus' .* strategy 'ring': its op returns no log-sum-exp"),
+    ("cca,gla", "ulysses", {}, "'cca' .* strategy 'ulysses': its op returns no log-sum-exp"),
+    ("softmax,lightning", "ring", {}, "'lightning' .* strategy 'lasp2': .*got 'lightning'"),
+    ("softmax,linear", "ring", {"linear": {"causal": False}}, "'linear' .* 'lasp2': .*bidirect"),
+    ("gated,gla", "ulysses", {}, "'gated' .* strategy 'ulysses': its mixer .*GatedAttention"),
+  ],
+  ids=["no-lse-ring", "no-lse-ulysses", "own-decay", "bidirectional", "extra-op-arguments"],
+)
+def test_layer_that_cannot_be_split_fails_at_setup_naming_variant_and_strategy(
+  pattern, softmax, mixer_options, match
+):
+  config = _hybrid(seq=4, softmax=softmax, pattern=pattern)
+  config.model.mixer_options = mixer_options
+  with pytest.raises(ValueError, match=match):
+    _setup(config)
+  config.mesh.shape.update(dict(fsdp=4, seq=1))
+  _setup(config)  # the same layers build unsplit
+
+
+def test_model_without_seq_axis_builds_no_context():
+  mesh = sharding.make_mesh(_hybrid(seq=1).mesh.shape)
+  assert tasks.seq_parallel(_hybrid(seq=1), mesh) is None
+  split = _hybrid(seq=4)
+  context = tasks.seq_parallel(split, sharding.make_mesh(split.mesh.shape))
+  assert context == SeqParallel(
+    context.mesh, softmax="ring", linear="lasp2", axis="seq", batch_axes=("data", "fsdp")
+  )
