@@ -14,7 +14,7 @@ Layers qualify when their mixer calls the op as `op(q, k, v, segment_ids=..., **
 strategy: the mask presets (`softmax`, `sliding_window`, `chunked`, `prefix_lm`) under every
 softmax strategy, other plain-`Attention` softmax variants whose op returns its log-sum-exp
 under "ulysses" only, and the causal linear variants that preset `linear_attention`'s
-keywords (`linear`, `gla`, `based`).
+keywords (`linear`, `gla`, `based`) or a constant per-head decay (`lightning`, `retention`).
 """
 
 from __future__ import annotations

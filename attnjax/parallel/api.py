@@ -16,8 +16,9 @@ their keywords (`"gla"`, `"linear"`, `"based"`: the keywords become defaults), a
 of `dot_product_attention` (`"softmax"`, `"sliding_window"`, `"chunked"`, `"prefix_lm"`: its
 options, e.g. `window=`, become the mask) or, for "ulysses" only, any registered softmax
 variant (it fixes its own mask out of sight, which the other strategies must shift per
-chunk). Variants computing their own decay inside their op ("lightning", "retention") are not
-accepted: LASP-2 and ZeCO need each shard's decay.
+chunk). The constant-decay linear variants ("lightning", "retention") compute their per-head
+decay from the head count (`attnjax.ops.linear.variants.DECAY_PRESETS`), which every shard
+receives.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 from attnjax import masks as masks_lib
 from attnjax import registry
 from attnjax.ops.linear import linear_attention
+from attnjax.ops.linear import variants as linear_variants
 from attnjax.ops.softmax import dot_product_attention, variants
 from attnjax.parallel import allgather, blocks, lasp2, ring, ulysses, zeco
 from attnjax.parallel import mesh as mesh_lib
@@ -55,8 +57,8 @@ _SOFTMAX_ARGS = frozenset(inspect.signature(dot_product_attention).parameters) -
 _LINEAR_ARGS = frozenset(inspect.signature(linear_attention).parameters) - {"q", "k", "v"}
 
 
-def _resolve(op) -> tuple[Callable, str, Callable[[dict], dict], bool]:
-  """(base op, family, call keywords -> base op keywords, opaque) of `op`.
+def _resolve(op) -> tuple[Callable, str, Callable[[dict, int], dict], bool]:
+  """(base op, family, (call keywords, query heads) -> base op keywords, opaque) of `op`.
 
   Opaque: a softmax variant that fixes its mask out of sight (only ulysses can run it).
   """
@@ -64,7 +66,9 @@ def _resolve(op) -> tuple[Callable, str, Callable[[dict], dict], bool]:
     op = registry.get(op)
   fixed: dict = {}
   if isinstance(op, registry.Variant) and (
-    op.op in (dot_product_attention, linear_attention) or op.op in variants.MASK_PRESETS
+    op.op in (dot_product_attention, linear_attention)
+    or op.op in variants.MASK_PRESETS
+    or op.op in linear_variants.DECAY_PRESETS
   ):
     op, fixed = op.op, dict(op.defaults)  # a variant that only presets keywords of a base op
   while isinstance(op, functools.partial):
@@ -75,16 +79,23 @@ def _resolve(op) -> tuple[Callable, str, Callable[[dict], dict], bool]:
   if isinstance(op, registry.Variant):  # a variant computing more than a base op: opaque
     if op.family != "softmax":
       raise _unsupported(op)
-    return op.op, "softmax", lambda kwargs: {**op.defaults, **kwargs}, True
+    return op.op, "softmax", lambda kwargs, heads: {**op.defaults, **kwargs}, True
 
-  def merged(kwargs: dict) -> dict:
+  def merged(kwargs: dict, heads: int) -> dict:
     return {**fixed, **kwargs}
 
   if op in variants.MASK_PRESETS:  # its options (e.g. window=) become the call's mask
     return (
       dot_product_attention,
       "softmax",
-      lambda kwargs: variants.preset_call(op, merged(kwargs)),
+      lambda kwargs, heads: variants.preset_call(op, merged(kwargs, heads)),
+      False,
+    )
+  if op in linear_variants.DECAY_PRESETS:  # a decay computed from the head count
+    return (
+      linear_attention,
+      "linear",
+      lambda kwargs, heads: linear_variants.decay_preset_call(op, heads, merged(kwargs, heads)),
       False,
     )
   if op is dot_product_attention:
@@ -163,9 +174,9 @@ def _check_args(kwargs: dict, allowed: frozenset, name: str) -> None:
     raise TypeError(f"{name} got unexpected keyword arguments {unknown}")
 
 
-def _softmax(op: Callable, prepare: Callable[[dict], dict], run: Callable) -> Callable:
+def _softmax(op: Callable, prepare: Callable[[dict, int], dict], run: Callable) -> Callable:
   def attention(q, k, v, **kwargs):
-    kwargs = prepare(kwargs)
+    kwargs = prepare(kwargs, q.shape[2])
     _check_args(kwargs, _SOFTMAX_ARGS, "dot_product_attention")
     mask = kwargs.pop("mask", None)
     segment_ids = kwargs.pop("segment_ids", None)
@@ -202,9 +213,9 @@ def _segments(segment_ids, batch_seq: tuple[int, int]):
   return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32), segment_ids.padding_id
 
 
-def _linear(op: Callable, prepare: Callable[[dict], dict], run: Callable) -> Callable:
+def _linear(op: Callable, prepare: Callable[[dict, int], dict], run: Callable) -> Callable:
   def attention(q, k, v, **kwargs):
-    kwargs = prepare(kwargs)
+    kwargs = prepare(kwargs, q.shape[2])
     _check_args(kwargs, _LINEAR_ARGS, "linear_attention")
     log_decay = kwargs.pop("log_decay", None)
     initial_state = kwargs.pop("initial_state", None)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from attnjax import registry
 from attnjax.ops import linear_attention
 from attnjax.parallel import sequence_parallel, zeco
 from tests.helpers import assert_close, random_normal, tolerance
@@ -130,8 +131,20 @@ def test_registered_variants_presetting_the_op():
   out = sequence_parallel("gla", seq_mesh(), strategy="lasp2")(q, k, v, log_decay=log_decay)
   ref = linear_attention(q, k, v, log_decay=log_decay, impl="reference")
   assert_close(out, ref, 1e-4, "gla")
-  with pytest.raises(ValueError, match="got 'lightning'"):
-    sequence_parallel("lightning", seq_mesh(), strategy="lasp2")
+  with pytest.raises(ValueError, match="got 'flowformer'"):
+    sequence_parallel("flowformer", seq_mesh(), strategy="lasp2")
+
+
+@pytest.mark.parametrize(
+  "name, options", [("lightning", dict(layer=1, num_layers=3)), ("retention", {})]
+)
+def test_constant_decay_variants_get_their_decay_on_every_shard(name, options):
+  q, k, v, _, _, _ = _inputs(5, jnp.float32, "none")
+  variant = registry.get(name)
+  out = sequence_parallel(name, seq_mesh(), strategy="zeco")(q, k, v, impl="xla", **options)
+  assert_close(out, variant(q, k, v, impl="reference", **options), 1e-4, name)
+  with pytest.raises(ValueError, match="computes its own log_decay"):
+    sequence_parallel(name, seq_mesh())(q, k, v, log_decay=jnp.zeros(q.shape[2]))
 
 
 @pytest.mark.parametrize("strategy", ["lasp2", "zeco"])

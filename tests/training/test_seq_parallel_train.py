@@ -121,7 +121,7 @@ def test_unknown_strategy_is_a_config_error_naming_the_key(key, value, match):
   [
     ("softplus,gla", "ring", {}, "'softplus' .* strategy 'ring': its op returns no log-sum-exp"),
     ("cca,gla", "ulysses", {}, "'cca' .* strategy 'ulysses': its op returns no log-sum-exp"),
-    ("softmax,lightning", "ring", {}, "'lightning' .* strategy 'lasp2': .*got 'lightning'"),
+    ("softmax,flowformer", "ring", {}, "'flowformer' .* strategy 'lasp2': .*got 'flowformer'"),
     ("softmax,linear", "ring", {"linear": {"causal": False}}, "'linear' .* 'lasp2': .*bidirect"),
     ("gated,gla", "ulysses", {}, "'gated' .* strategy 'ulysses': its mixer .*GatedAttention"),
   ],

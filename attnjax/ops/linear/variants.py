@@ -9,6 +9,7 @@ through a model's `layer_pattern`, e.g. `"based,sliding_window"`.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,26 @@ def retention(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs):
   """`linear_attention` with RetNet's multi-scale per-head decay `1 - 2^(-5 - h)`."""
   log_decay = decay.retention_log_decay(q.shape[2])
   return api.linear_attention(q, k, v, log_decay=jnp.asarray(log_decay), **kwargs)
+
+
+# Ops that are `linear_attention` with a constant per-head decay computed from the head count
+# (and their own options): op -> its decay function. Sequence parallelism hands the decay to
+# every shard through `decay_preset_call`.
+DECAY_PRESETS = {
+  lightning_attention: decay.lightning_log_decay,
+  retention: decay.retention_log_decay,
+}
+
+
+def decay_preset_call(op, heads: int, kwargs: dict) -> dict:
+  """`linear_attention` keywords equal to calling decay preset `op` with `kwargs`."""
+  decay_fn = DECAY_PRESETS[op]
+  own = set(inspect.signature(decay_fn).parameters) - {"heads"}
+  kwargs = dict(kwargs)
+  decay_options = {name: kwargs.pop(name) for name in own & set(kwargs)}
+  if "log_decay" in kwargs:
+    raise ValueError(f"{op.__name__} computes its own log_decay; do not pass one")
+  return {**kwargs, "log_decay": jnp.asarray(decay_fn(heads, **decay_options))}
 
 
 def _register(name, op, paper, description, *, impl_names, capabilities=_CAPABILITIES, **defaults):
