@@ -100,24 +100,17 @@ def _peak_bytes(compiled) -> int:
 
 def theoretical_bytes(strategy: str, seq_len: int) -> tuple[float, float]:
   """(forward, backward) bytes a device must send per layer, by the strategy's algorithm."""
-  e = jnp.dtype(DTYPE).itemsize
-  shard = seq_len // PARTS
-  kv_shard = BATCH * shard * KV_HEADS * 2 * HEAD_DIM * e
-  state = BATCH * HEADS * HEAD_DIM * HEAD_DIM * 4
-  if strategy in (
-    "ring",
-    "ring_preordered",
-  ):  # K/V pass P - 1 hops; backward adds their gradients' P - 1 hops
-    return (PARTS - 1) * kv_shard, 2 * (PARTS - 1) * kv_shard
-  if strategy == "allgather":  # all-gather K/V; reduce-scatter dK/dV
-    return (PARTS - 1) * kv_shard, (PARTS - 1) * kv_shard
-  if strategy == "ulysses":  # all-to-all of q, k, v (kv heads repeated if < P) and out
-    kv_heads = KV_HEADS if KV_HEADS % PARTS == 0 else HEADS
-    local = BATCH * shard * HEAD_DIM * e * (2 * HEADS + 2 * kv_heads)
-    return local * (PARTS - 1) / PARTS, local * (PARTS - 1) / PARTS
-  if strategy == "lasp2":  # all-gather of P states; reduce-scatter of their gradients
-    return (PARTS - 1) * state, (PARTS - 1) * state
-  return state, state  # zeco: receive exactly one prefix state, send one
+  name = OPTIONS.get(strategy, (strategy, {}))[0]
+  return comms.theoretical_bytes(
+    name,
+    num_devices=PARTS,
+    batch=BATCH,
+    seq_len=seq_len,
+    heads=HEADS,
+    kv_heads=HEADS if strategy in LINEAR else KV_HEADS,
+    head_dim=HEAD_DIM,
+    itemsize=jnp.dtype(DTYPE).itemsize,
+  )
 
 
 def measure(strategy: str, seq_len: int, mesh) -> dict:

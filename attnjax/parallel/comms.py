@@ -156,3 +156,48 @@ def summary(found: list[Collective]) -> str:
   return json.dumps(
     sorted(({"kind": c.kind, "shape": c.shape, "runs": c.runs} for c in found), key=json.dumps)
   )
+
+
+def theoretical_bytes(
+  strategy: str,
+  *,
+  num_devices: int,
+  batch: int,
+  seq_len: int,
+  heads: int,
+  kv_heads: int,
+  head_dim: int,
+  itemsize: int,
+) -> tuple[float, float]:
+  """(forward, backward) bytes a device must send per attention layer by `strategy`'s algorithm.
+
+  The yardstick for `bytes_sent_per_device` of a compiled program: q, k, v are
+  `[batch, seq_len, heads | kv_heads, head_dim]` of `itemsize` bytes split over `num_devices`;
+  linear states are float32 `[batch, heads, head_dim, head_dim]`.
+
+  - "ring": K/V shards travel P - 1 hops; backward adds their gradients' P - 1 hops.
+  - "allgather": all-gather of K/V forward, reduce-scatter of dK/dV backward.
+  - "ulysses": all-to-all of q, k, v and out (kv heads repeated when P does not divide them),
+    the same backward.
+  - "lasp2": all-gather of P states forward, reduce-scatter of their gradients backward.
+  - "zeco": each device receives exactly its prefix state, and sends one gradient back.
+  """
+  p = num_devices
+  shard = seq_len // p
+  kv_shard = batch * shard * kv_heads * 2 * head_dim * itemsize
+  state = batch * heads * head_dim * head_dim * 4
+  if strategy == "ring":
+    return (p - 1) * kv_shard, 2 * (p - 1) * kv_shard
+  if strategy == "allgather":
+    return (p - 1) * kv_shard, (p - 1) * kv_shard
+  if strategy == "ulysses":
+    sent_kv_heads = kv_heads if kv_heads % p == 0 else heads
+    local = batch * shard * head_dim * itemsize * (2 * heads + 2 * sent_kv_heads)
+    return local * (p - 1) / p, local * (p - 1) / p
+  if strategy == "lasp2":
+    return (p - 1) * state, (p - 1) * state
+  if strategy == "zeco":
+    return state, state
+  raise ValueError(
+    f"strategy must be one of ['allgather', 'lasp2', 'ring', 'ulysses', 'zeco'], got {strategy!r}"
+  )

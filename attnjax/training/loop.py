@@ -147,7 +147,9 @@ def restore_model(config, workdir: str):
   mesh = sharding.make_mesh(config.mesh.shape)
   tx, schedule = optimizer.make_optimizer(config.train)
   setup = trainer.setup(config, mesh, tx, schedule)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(
+    os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
+  )
   try:
     state, _ = ckpt.restore_latest(setup.abstract_state)
   finally:
