@@ -77,3 +77,17 @@ def test_loop_bodies_count_trip_times():
   found = comms.collectives(fn.lower(jnp.ones((PARTS * 3,))).compile().as_text(), PARTS)
   assert [(c.kind, c.runs, c.nbytes) for c in found] == [("all-reduce", 5, 12)]
   assert comms.bytes_sent_per_device(found, PARTS) == 5 * 2 * 12 * (PARTS - 1) / PARTS
+
+
+def test_theoretical_bytes_by_hand():
+  dims = dict(num_devices=4, batch=2, seq_len=64, heads=4, kv_heads=2, head_dim=8, itemsize=2)
+  kv_shard = 2 * 16 * 2 * 2 * 8 * 2  # batch x shard x kv_heads x (k, v) x head_dim x bytes
+  state = 2 * 4 * 8 * 8 * 4  # float32 [batch, heads, head_dim, head_dim]
+  assert comms.theoretical_bytes("ring", **dims) == (3 * kv_shard, 6 * kv_shard)
+  assert comms.theoretical_bytes("allgather", **dims) == (3 * kv_shard, 3 * kv_shard)
+  ulysses = 2 * 16 * 8 * 2 * (2 * 4 + 2 * 4) * 3 / 4  # kv heads 2 do not split over 4: repeated
+  assert comms.theoretical_bytes("ulysses", **dims) == (ulysses, ulysses)
+  assert comms.theoretical_bytes("lasp2", **dims) == (3 * state, 3 * state)
+  assert comms.theoretical_bytes("zeco", **dims) == (state, state)
+  with pytest.raises(ValueError, match="strategy must be one of"):
+    comms.theoretical_bytes("tree", **dims)
