@@ -1,4 +1,5 @@
-"""2-D neighborhood attention on this machine: tiled `xla` vs dense masked `reference`.
+"""2-D neighborhood attention on this machine: tiled `xla` (and, on TPU or GPU, the fused `pallas`
+kernel: Mosaic on TPU, Triton on GPU) vs dense masked `reference`.
 
     python benchmarks/neighborhood.py            # 64x64 and 128x128 maps (about 10 minutes, 2 CPUs)
     python benchmarks/neighborhood.py --quick    # 64x64, kernel 7 only
@@ -6,10 +7,10 @@
 For every feature map size, kernel size (7x7, 13x13), dilation (1, 2) and pass (forward,
 forward+backward) it records the median wall time of repeated runs after a warm-up and the
 compiled peak memory (`compiled.memory_analysis()`: arguments + outputs + temporaries), plus
-the fraction of key tiles the tiled plan visits. A compiled program whose peak memory exceeds
-`--max-run-gib` is not run (its memory is still reported). Results go to
-`benchmarks/results/neighborhood.json` and `neighborhood.png`; the speedup of xla over dense
-at 128x128, 7x7 is printed at the end.
+the fraction of key tiles each tiled plan visits (for `pallas`, the plan of the kernel's own
+tiles). A compiled program whose peak memory exceeds `--max-run-gib` is not run (its memory is
+still reported). Results go to `benchmarks/results/neighborhood.json` and `neighborhood.png`;
+the speedups of xla (and pallas) over dense at 128x128, 7x7 are printed at the end.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 
 import jax
 
-from attnjax.ops.neighborhood import BlockSizes, neighborhood_attention, window
+from attnjax.ops.neighborhood import BlockSizes, kernel, neighborhood_attention, window
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 BATCH, HEADS, HEAD_DIM = 1, 2, 32
@@ -75,14 +76,23 @@ def main() -> None:
   kernel_sizes = [7] if args.quick else [7, 13]
   max_run_bytes = int(args.max_run_gib * 2**30)
   records = []
+  backend = jax.default_backend()
   for size in sizes:
     keys = jax.random.split(jax.random.PRNGKey(size), 3)
     q, k, v = (jax.random.normal(key, (BATCH, size, size, HEADS, HEAD_DIM)) for key in keys)
     for kernel_size in kernel_sizes:
       for dilation in (1, 2):
         windows = (window.Neighborhood(kernel_size, dilation),) * 2
-        plan = window.tile_plan((size, size), windows, (args.tile, args.tile))
-        for impl in ("xla", "reference"):
+        fractions = {
+          "xla": window.tile_plan((size, size), windows, (args.tile, args.tile)).visited_fraction,
+          "reference": 1.0,
+        }
+        if backend in kernel.KERNELS:  # impl="pallas" runs the backend's kernel
+          kernel_tile = kernel.kernel_tile(backend, (size, size), windows)
+          fractions["pallas"] = window.tile_plan(
+            (size, size), windows, kernel_tile
+          ).visited_fraction
+        for impl in fractions:
           fwd, fwd_bwd = build(impl, kernel_size, dilation, args.tile)
           for pass_name, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
             record = {
@@ -91,7 +101,7 @@ def main() -> None:
               "dilation": dilation,
               "impl": impl,
               "pass": pass_name,
-              "visited_fraction": plan.visited_fraction if impl == "xla" else 1.0,
+              "visited_fraction": fractions[impl],
             }
             record.update(measure(fn, (q, k, v), args.repeats, max_run_bytes))
             records.append(record)
@@ -103,6 +113,7 @@ def main() -> None:
     "heads": HEADS,
     "head_dim": HEAD_DIM,
     "tile": [args.tile, args.tile],
+    "pallas_kernel": backend if backend in kernel.KERNELS else None,
   }
   out = {"meta": meta, "records": records}
   (RESULTS / "neighborhood.json").write_text(json.dumps(out, indent=1))
@@ -121,17 +132,16 @@ def summarize(records) -> None:
   for size in sorted({r["size"] for r in records}):
     for pass_name in ("fwd", "fwd+bwd"):
       where = {"size": size, "kernel_size": 7, "dilation": 1, "pass": pass_name}
-      xla, dense = (
-        _lookup(records, impl="xla", **where),
-        _lookup(records, impl="reference", **where),
-      )
-      if not (xla and dense):
-        continue
-      memory = dense["peak_bytes"] / xla["peak_bytes"]
-      line = f"{size}x{size} 7x7 {pass_name}: peak memory dense / xla = {memory:.1f}x"
-      if "seconds" in xla and "seconds" in dense:
-        line += f", time dense / xla = {dense['seconds'] / xla['seconds']:.1f}x"
-      print(line)
+      dense = _lookup(records, impl="reference", **where)
+      for impl in ("xla", "pallas"):
+        fast = _lookup(records, impl=impl, **where)
+        if not (fast and dense):
+          continue
+        memory = dense["peak_bytes"] / fast["peak_bytes"]
+        line = f"{size}x{size} 7x7 {pass_name}: peak memory dense / {impl} = {memory:.1f}x"
+        if "seconds" in fast and "seconds" in dense:
+          line += f", time dense / {impl} = {dense['seconds'] / fast['seconds']:.1f}x"
+        print(line)
 
 
 def plot(records) -> None:
@@ -143,9 +153,11 @@ def plot(records) -> None:
   configs = sorted({(r["size"], r["kernel_size"], r["dilation"]) for r in records})
   labels = [f"{s}x{s}\nk{k} d{d}" for s, k, d in configs]
   fig, axes = plt.subplots(2, 2, figsize=(13, 8))
-  width = 0.4
+  impls = [i for i in ("xla", "pallas", "reference") if _lookup(records, impl=i)]
+  width = 0.8 / len(impls)
   for col, pass_name in enumerate(("fwd", "fwd+bwd")):
-    for offset, impl in ((-width / 2, "xla"), (width / 2, "reference")):
+    for n, impl in enumerate(impls):
+      offset = (n - (len(impls) - 1) / 2) * width
       rows = [
         _lookup(records, size=s, kernel_size=k, dilation=d, impl=impl, **{"pass": pass_name})
         for s, k, d in configs

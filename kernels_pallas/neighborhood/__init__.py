@@ -1,5 +1,10 @@
-"""Fused Pallas kernel of local (neighborhood) attention over a static tile schedule."""
+"""Fused Pallas kernels of local (neighborhood) attention over a static tile schedule.
 
-from kernels_pallas.neighborhood.tpu import TileSchedule, tile_sparse_attention
+Mosaic TPU (`tpu.py`) and Triton GPU (`gpu.py`), same signature and function; the schedule and
+argument checks they share live in `common.py`.
+"""
+
+from kernels_pallas.neighborhood.common import TileSchedule
+from kernels_pallas.neighborhood.tpu import tile_sparse_attention
 
 __all__ = ["TileSchedule", "tile_sparse_attention"]

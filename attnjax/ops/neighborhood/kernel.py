@@ -1,9 +1,10 @@
-"""The "pallas" / "pallas_interpret" implementations: a `window.TilePlan` run by the fused kernel.
+"""The "pallas" / "pallas_interpret" implementations: a `window.TilePlan` run by a fused kernel.
 
-Lays q, k, v out tile-major as `[batch, heads, N, dim]` and calls
-`kernels_pallas.neighborhood.tile_sparse_attention` with the plan's tile lists. The kernel is
-written for TPU (Mosaic); elsewhere "pallas" raises `registry.Unsupported` (so `impl="auto"`
-falls back to "xla") and "pallas_interpret" runs it in the Pallas interpreter.
+Lays q, k, v out tile-major as `[batch, heads, N, dim]` and calls the backend's kernel of
+`kernels_pallas.neighborhood` with the plan's tile lists: Mosaic (`tpu.py`) on TPU, Triton
+(`gpu.py`) on GPU. Elsewhere "pallas" raises `registry.Unsupported` (so `impl="auto"` falls
+back to "xla"); "pallas_interpret" runs the TPU kernel in the Pallas interpreter, or the GPU
+kernel with `kernel="gpu"`.
 """
 
 from __future__ import annotations
@@ -16,31 +17,59 @@ from jax.experimental.pallas import tpu as pltpu
 from attnjax import registry
 from attnjax.ops.neighborhood import window
 from attnjax.ops.neighborhood.blockwise import BlockSizes
-from kernels_pallas.neighborhood import TileSchedule, tile_sparse_attention
+from kernels_pallas.neighborhood import TileSchedule, gpu, tpu
 
-# Tiles of 128 rows fill the MXU; the last tile axis stays a multiple of 8 (sublanes).
-_PALLAS_TILES = {1: (128,), 2: (8, 16), 3: (4, 4, 8)}
+KERNELS = {"tpu": tpu.tile_sparse_attention, "gpu": gpu.tile_sparse_attention}
 
-
-def attention(q, k, v, *, windows, scale, block_sizes: BlockSizes | None = None):
-  """Same signature and result as `reference.attention`, via the TPU kernel."""
-  if jax.default_backend() != "tpu":
-    raise registry.Unsupported(
-      f"the neighborhood Pallas kernel targets TPU, not {jax.default_backend()!r}; use "
-      f"impl='xla' (or impl='pallas_interpret' to run the kernel in the interpreter)"
-    )
-  return fused_attention(q, k, v, windows=windows, scale=scale, block_sizes=block_sizes)
+# TPU: tiles of 128 rows fill the MXU; the last tile axis stays a multiple of 8 (sublanes).
+# GPU: 64-row tiles (Triton needs powers of two) keep a [T, T] f32 tile in registers.
+DEFAULT_TILES = {
+  "tpu": {1: (128,), 2: (8, 16), 3: (4, 4, 8)},
+  "gpu": {1: (64,), 2: (8, 8), 3: (4, 4, 4)},
+}
 
 
-def attention_interpret(q, k, v, *, windows, scale, block_sizes: BlockSizes | None = None):
-  """`attention` run by the Pallas interpreter (any backend)."""
+def attention(
+  q, k, v, *, windows, scale, block_sizes: BlockSizes | None = None, kernel: str | None = None
+):
+  """Same signature and result as `reference.attention`, via the backend's kernel.
+
+  `kernel` ("tpu" or "gpu") defaults to the backend's; other backends raise `Unsupported`.
+  """
   return fused_attention(
-    q, k, v, windows=windows, scale=scale, block_sizes=block_sizes, interpret=True
+    q,
+    k,
+    v,
+    windows=windows,
+    scale=scale,
+    block_sizes=block_sizes,
+    kernel=kernel or _backend_kernel(),
+  )
+
+
+def attention_interpret(
+  q, k, v, *, windows, scale, block_sizes: BlockSizes | None = None, kernel: str = "tpu"
+):
+  """`attention` run by the Pallas interpreter (any backend); the TPU kernel by default."""
+  return fused_attention(
+    q, k, v, windows=windows, scale=scale, block_sizes=block_sizes, interpret=True, kernel=kernel
+  )
+
+
+def _backend_kernel() -> str:
+  backend = jax.default_backend()
+  if backend in ("tpu", "gpu"):
+    return backend
+  raise registry.Unsupported(
+    f"the neighborhood Pallas kernels target TPU and GPU, not {backend!r}; use impl='xla' (or "
+    f"impl='pallas_interpret' to run the kernel in the interpreter)"
   )
 
 
 # Jitted so that eager calls compile once; the geometry is static.
-@functools.partial(jax.jit, static_argnames=("windows", "scale", "block_sizes", "interpret"))
+@functools.partial(
+  jax.jit, static_argnames=("windows", "scale", "block_sizes", "interpret", "kernel")
+)
 def fused_attention(
   q: jax.Array,
   k: jax.Array,
@@ -50,24 +79,47 @@ def fused_attention(
   scale: float,
   block_sizes: BlockSizes | None = None,
   interpret: bool | pltpu.InterpretParams = False,
+  kernel: str = "tpu",
 ) -> jax.Array:
-  """The kernel on `[batch, *spatial, heads, dim]` inputs, on any backend (no device check).
+  """A kernel on `[batch, *spatial, heads, dim]` inputs, on any backend (no device check).
 
   Arguments as `reference.attention` (already validated), plus the kernel's `interpret`
-  switch; `jax.export` uses it to lower the kernel for TPU from a CPU host.
+  switch and which `kernel` ("tpu" or "gpu"); `jax.export` uses them to lower a kernel for
+  TPU or CUDA from a CPU host.
   """
+  if kernel not in KERNELS:
+    raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got kernel={kernel!r}")
   spatial = q.shape[1:-2]
-  blocks = block_sizes or BlockSizes(_PALLAS_TILES[len(spatial)])
-  # Rows per tile stay a multiple of 8 (TPU sublanes) whatever the spatial sizes.
-  plan = window.tile_plan(spatial, windows, blocks.fit(spatial, last_multiple=8))
+  plan = window.tile_plan(spatial, windows, kernel_tile(kernel, spatial, windows, block_sizes))
   q_rows, k_rows, v_rows = (_heads_major(window.to_tiles(x, plan)) for x in (q, k, v))
-  out = tile_sparse_attention(
+  out = KERNELS[kernel](
     q_rows, k_rows, v_rows, tile_schedule(plan), scale=scale, interpret=interpret
   )
   out = out.transpose(0, 2, 1, 3).reshape(
     q.shape[0], plan.num_tiles, plan.tile_size, -1, v.shape[-1]
   )
   return window.from_tiles(out, plan)
+
+
+def kernel_tile(
+  kernel: str,
+  spatial: tuple[int, ...],
+  windows: tuple[window.AxisWindow, ...],
+  block_sizes: BlockSizes | None = None,
+) -> tuple[int, ...]:
+  """The tile shape `kernel` runs for `block_sizes` (None: its default) on this geometry.
+
+  TPU: rows per tile stay a multiple of 8 (sublanes) whatever the spatial sizes. GPU: every
+  edge rounded up to a power of two, at least `gpu.MIN_ROWS` rows, over the axes as the plan
+  reorders them (dilation groups padded to whole groups).
+  """
+  blocks = block_sizes or BlockSizes(DEFAULT_TILES[kernel][len(spatial)])
+  if kernel == "tpu":
+    return blocks.fit(spatial, last_multiple=8)
+  extents = tuple(
+    len(window.group_order(n, w.group_stride)) for n, w in zip(spatial, windows, strict=True)
+  )
+  return gpu.TileSizes.covering(blocks.tile).fit(extents)
 
 
 def _heads_major(x_tiles: jax.Array) -> jax.Array:

@@ -143,10 +143,12 @@ def test_exported_from_ops_and_auto_runs_on_cpu():
   assert_close(auto, ref(q, k, v), 1e-4)
 
 
-@pytest.mark.skipif(jax.default_backend() == "tpu", reason="on TPU impl='pallas' is supported")
-def test_pallas_is_unsupported_off_tpu():
+@pytest.mark.skipif(
+  jax.default_backend() in ("tpu", "gpu"), reason="on TPU and GPU impl='pallas' is supported"
+)
+def test_pallas_is_unsupported_off_tpu_and_gpu():
   q, k, v, _ = _inputs(6, (16,), 2, 2, 8)
-  with pytest.raises(registry.Unsupported, match="TPU"):
+  with pytest.raises(registry.Unsupported, match="TPU and GPU"):
     neighborhood_attention(q, k, v, kernel_size=5, impl="pallas")
 
 

@@ -1,0 +1,394 @@
+"""Tile-sparse flash attention for GPUs (Pallas, Triton backend): the neighborhood kernel on GPU.
+
+Same function and signature as `tpu.tile_sparse_attention` (plus Triton launch settings), and
+equal to `attnjax.ops.neighborhood.reference.attention` on the windows its `TileSchedule`
+encodes. The layout is the TPU kernel's: `T` consecutive rows form one 1-, 2- or 3-D spatial
+tile (flattened row-major), and the schedule lists, per query tile, the key tiles its
+neighborhoods reach, with a deduplicated boolean `[T, T]` tile per pair (it masks the window
+edges, the dilation groups, the causal halves and the padding of partial tiles).
+
+Why Triton rather than Mosaic GPU: each program walks a data-dependent number of key tiles at
+scalar-loaded offsets, which Triton lowers to a plain loop over pointer offsets on every GPU
+that JAX supports; Mosaic GPU (Hopper+) would need a hand-written warp-specialized pipeline
+around those dynamic offsets. Triton wants power-of-two blocks: `T` must be a power of two
+(`TileSizes` gives power-of-two spatial tiles; positions past the map are masked by the
+schedule), and head dims are zero-padded to a power of two >= 16 (zeros change neither the
+logits nor the kept output columns).
+
+Forward: one program per (batch, head, query tile) runs an online softmax over its key tiles
+and saves the log-sum-exp. Backward: a dq kernel over the same lists, and a dk/dv kernel with
+one program per (batch, kv head, key tile) walking the transposed list (the query tiles whose
+neighborhoods reach that key tile: the inverse neighborhood) for each query head of its GQA
+group, so K/V are never repeated. Probabilities are recomputed from the saved lse. Dots
+accumulate in float32; float32 inputs use IEEE dots (not TF32) so the kernel meets the float32
+tolerances, bfloat16 inputs use bf16 tensor-core dots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from kernels_pallas.neighborhood.common import TileSchedule, check_call
+
+MIN_ROWS = 16  # tl.dot's smallest M, N and K on hardware
+
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+
+
+def _is_pow2(n) -> bool:
+  return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and n & (n - 1) == 0
+
+
+def _pow2(n: int) -> int:
+  """Smallest power of two >= n."""
+  return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class TileSizes:
+  """Spatial tile shape of the GPU kernel: one power of two per spatial axis.
+
+  A tile holds `T = prod(tile)` query (and key) rows; on hardware `T >= MIN_ROWS`.
+  """
+
+  tile: tuple[int, ...]
+
+  def __post_init__(self):
+    if not isinstance(self.tile, tuple) or not self.tile or not all(map(_is_pow2, self.tile)):
+      raise ValueError(
+        f"TileSizes.tile must be a non-empty tuple of powers of two (one per spatial axis), "
+        f"got tile={self.tile!r}"
+      )
+
+  @classmethod
+  def covering(cls, tile: tuple[int, ...]) -> TileSizes:
+    """The power-of-two tile that rounds every edge of `tile` up."""
+    return cls(tuple(_pow2(t) for t in tile))
+
+  def fit(self, extents: tuple[int, ...]) -> tuple[int, ...]:
+    """Tile for a spatial grid of `extents`, still powers of two.
+
+    Each edge is clipped to its axis rounded up to a power of two; then the last edge doubles
+    until a tile has `MIN_ROWS` rows (positions past the grid are masked padding).
+    """
+    if len(extents) != len(self.tile):
+      raise ValueError(
+        f"TileSizes.tile needs one size per spatial axis {tuple(extents)}, got tile={self.tile}"
+      )
+    tile = [min(t, _pow2(n)) for t, n in zip(self.tile, extents, strict=True)]
+    while math.prod(tile) < MIN_ROWS:
+      tile[-1] *= 2
+    return tuple(tile)
+
+
+def tile_sparse_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  schedule: TileSchedule,
+  *,
+  scale: float,
+  interpret: bool = False,
+  num_warps: int = 4,
+  num_stages: int = 2,
+) -> jax.Array:
+  """Softmax attention of each query tile over its scheduled key tiles (Triton kernels).
+
+  Args:
+    q: `[batch, heads, N, head_dim]`, N = `schedule.num_tiles * schedule.tile_size`.
+    k: `[batch, kv_heads, N, head_dim]`; `heads % kv_heads == 0`.
+    v: `[batch, kv_heads, N, value_dim]`.
+    schedule: the static tile lists (see `TileSchedule`); `tile_size` a power of two, at least
+      `MIN_ROWS` unless interpreting.
+    scale: logit scale.
+    interpret: run in the Pallas interpreter (any backend).
+    num_warps: warps per program.
+    num_stages: software-pipelining depth of the loop over tiles.
+
+  Returns:
+    `[batch, heads, N, value_dim]` in q's dtype; a row with no allowed key is zero.
+  """
+  check_call(q, k, v, schedule)
+  rows = schedule.tile_size
+  smallest = 1 if interpret else MIN_ROWS
+  if not _is_pow2(rows) or rows < smallest:
+    raise ValueError(
+      f"schedule.tile_size (rows per tile) must be a power of two >= {smallest} for the Triton "
+      f"kernel, got {rows}"
+    )
+  st = _Static(
+    scale=float(scale),
+    groups=q.shape[1] // k.shape[1],
+    rows=rows,
+    interpret=bool(interpret),
+    num_warps=num_warps,
+    num_stages=num_stages,
+  )
+  value_dim = v.shape[3]
+  q, k, v = (_pad_last(x, _pow2(max(x.shape[3], MIN_ROWS))) for x in (q, k, v))
+  out = _attention(st, schedule, q, k, v)
+  return out[..., :value_dim]
+
+
+def _pad_last(x: jax.Array, size: int) -> jax.Array:
+  return jnp.pad(x, ((0, 0),) * 3 + ((0, size - x.shape[3]),))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  scale: float
+  groups: int
+  rows: int
+  interpret: bool
+  num_warps: int
+  num_stages: int
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attention(st, schedule, q, k, v):
+  return _forward(st, schedule, q, k, v)[0]
+
+
+def _attention_fwd(st, schedule, q, k, v):
+  out, lse = _forward(st, schedule, q, k, v)
+  return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(st, schedule, residuals, d_out):
+  q, k, v, out, lse = residuals
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
+  d_q = _backward_dq(st, schedule, q, k, v, d_out, lse, delta)
+  d_k, d_v = _backward_dkv(st, schedule, q, k, v, d_out, lse, delta)
+  return d_q, d_k, d_v
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _dot(a, b, dims):
+  # HIGHEST: IEEE float32 dots (Triton's default for float32 is TF32); no effect on bf16.
+  return lax.dot_general(
+    a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+  )
+
+
+def _tile_rows(st, tile_index):
+  """The `T` rows of tile `tile_index` along the sequence axis of a whole-sequence ref."""
+  return pl.ds(pl.multiple_of(tile_index * st.rows, st.rows), st.rows)
+
+
+def _probs_and_dlogits(st, q, k, v, d_out, allowed, lse, delta):
+  """Recomputed probabilities and logit gradients (times scale), both `[Tq, Tk]` float32."""
+  logits = _dot(q, k, _NT) * st.scale
+  safe_lse = jnp.where(lse == -jnp.inf, 0.0, lse)
+  probs = jnp.where(allowed, jnp.exp(logits - safe_lse[:, None]), 0.0)
+  d_probs = _dot(d_out, v, _NT)
+  return probs, probs * (d_probs - delta[:, None]) * st.scale
+
+
+def _forward_kernel(
+  kv_tiles_ref, kv_counts_ref, mask_ids_ref, masks_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+  *, st,
+):  # fmt: skip
+  i = pl.program_id(2)
+  q = q_ref[...]
+
+  def step(s, carry):
+    acc, row_max, row_sum = carry
+    kv_rows = _tile_rows(st, kv_tiles_ref[i, s])
+    allowed = masks_ref[mask_ids_ref[i, s]] != 0
+    logits = jnp.where(allowed, _dot(q, k_ref[kv_rows, :], _NT) * st.scale, -jnp.inf)
+    new_max = jnp.maximum(row_max, logits.max(axis=1))
+    shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+    probs = jnp.exp(logits - shift[:, None])
+    correction = jnp.exp(row_max - shift)
+    v = v_ref[kv_rows, :]
+    acc = acc * correction[:, None] + _dot(probs.astype(v.dtype), v, _NN)
+    return acc, new_max, row_sum * correction + probs.sum(axis=1)
+
+  init = (
+    jnp.zeros((st.rows, v_ref.shape[-1]), jnp.float32),
+    jnp.full((st.rows,), -jnp.inf, jnp.float32),
+    jnp.zeros((st.rows,), jnp.float32),
+  )
+  acc, row_max, row_sum = lax.fori_loop(0, kv_counts_ref[i], step, init)
+  live = row_sum > 0
+  safe_sum = jnp.where(live, row_sum, 1.0)
+  o_ref[...] = (acc / safe_sum[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(live, row_max + jnp.log(safe_sum), -jnp.inf)
+
+
+def _dq_kernel(
+  kv_tiles_ref, kv_counts_ref, mask_ids_ref, masks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+  delta_ref, dq_ref, *, st,
+):  # fmt: skip
+  i = pl.program_id(2)
+  q, d_out, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+
+  def step(s, dq):
+    kv_rows = _tile_rows(st, kv_tiles_ref[i, s])
+    allowed = masks_ref[mask_ids_ref[i, s]] != 0
+    k = k_ref[kv_rows, :]
+    _, d_logits = _probs_and_dlogits(st, q, k, v_ref[kv_rows, :], d_out, allowed, lse, delta)
+    return dq + _dot(d_logits.astype(k.dtype), k, _NN)
+
+  dq = lax.fori_loop(0, kv_counts_ref[i], step, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+  q_tiles_ref, q_counts_ref, mask_ids_ref, masks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+  delta_ref, dk_ref, dv_ref, *, st,
+):  # fmt: skip
+  j = pl.program_id(2)
+  k, v = k_ref[...], v_ref[...]
+
+  def per_head(g, carry):
+    def step(s, carry):
+      dk, dv = carry
+      q_rows = _tile_rows(st, q_tiles_ref[j, s])
+      allowed = masks_ref[mask_ids_ref[j, s]] != 0  # query x key, like the forward tiles
+      q, d_out = q_ref[g, q_rows, :], do_ref[g, q_rows, :]
+      probs, d_logits = _probs_and_dlogits(
+        st, q, k, v, d_out, allowed, lse_ref[g, q_rows], delta_ref[g, q_rows]
+      )
+      dv = dv + _dot(probs.astype(d_out.dtype), d_out, _TN)
+      dk = dk + _dot(d_logits.astype(q.dtype), q, _TN)
+      return dk, dv
+
+    return lax.fori_loop(0, q_counts_ref[j], step, carry)
+
+  init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  dk, dv = lax.fori_loop(0, st.groups, per_head, init)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _whole(shape):
+  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
+def _tables(schedule: TileSchedule, transposed: bool):
+  """Scalar tables and int8 mask tiles, each read whole by every program."""
+  if transposed:
+    lists = (schedule.q_tiles, schedule.q_counts, schedule.mask_ids_t)
+  else:
+    lists = (schedule.kv_tiles, schedule.kv_counts, schedule.mask_ids)
+  tables = [*(jnp.asarray(x, jnp.int32) for x in lists), jnp.asarray(schedule.mask_table, jnp.int8)]
+  return tables, [_whole(t.shape) for t in tables]
+
+
+def _call(st, kernel, grid, in_specs, out_specs, out_shape, name):
+  return pl.pallas_call(
+    functools.partial(kernel, st=st),
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    compiler_params=pl_triton.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages),
+    interpret=st.interpret,
+    name=name,
+  )
+
+
+def _query_tile(st, width=None):
+  """Block of one query tile (`[T, width]`, or `[T]` rows of lse / delta) of head `h`."""
+  shape = (pl.squeezed, pl.squeezed, st.rows) + ((width,) if width else ())
+  return pl.BlockSpec(shape, lambda b, h, i: (b, h, i) + ((0,) if width else ()))
+
+
+def _kv_of_head(st, n, width):
+  """Whole-sequence K or V block `[N, width]` of the kv head that query head `h` reads."""
+  return pl.BlockSpec(
+    (pl.squeezed, pl.squeezed, n, width), lambda b, h, i: (b, lax.div(h, st.groups), 0, 0)
+  )
+
+
+def _forward(st, schedule, q, k, v):
+  batch, heads, n, head_dim = q.shape
+  value_dim = v.shape[3]
+  tables, table_specs = _tables(schedule, transposed=False)
+  return _call(
+    st,
+    _forward_kernel,
+    (batch, heads, schedule.num_tiles),
+    [
+      *table_specs,
+      _query_tile(st, head_dim),
+      _kv_of_head(st, n, head_dim),
+      _kv_of_head(st, n, value_dim),
+    ],
+    [_query_tile(st, value_dim), _query_tile(st)],
+    [
+      jax.ShapeDtypeStruct((batch, heads, n, value_dim), q.dtype),
+      jax.ShapeDtypeStruct((batch, heads, n), jnp.float32),
+    ],
+    "neighborhood_fwd_gpu",
+  )(*tables, q, k, v)
+
+
+def _backward_dq(st, schedule, q, k, v, d_out, lse, delta):
+  batch, heads, n, head_dim = q.shape
+  value_dim = v.shape[3]
+  tables, table_specs = _tables(schedule, transposed=False)
+  in_specs = [
+    *table_specs,
+    _query_tile(st, head_dim),
+    _kv_of_head(st, n, head_dim),
+    _kv_of_head(st, n, value_dim),
+    _query_tile(st, value_dim),
+    _query_tile(st),
+    _query_tile(st),
+  ]
+  return _call(
+    st,
+    _dq_kernel,
+    (batch, heads, schedule.num_tiles),
+    in_specs,
+    _query_tile(st, head_dim),
+    jax.ShapeDtypeStruct(q.shape, q.dtype),
+    "neighborhood_dq_gpu",
+  )(*tables, q, k, v, d_out, lse, delta)
+
+
+def _backward_dkv(st, schedule, q, k, v, d_out, lse, delta):
+  batch, kv_heads, n, head_dim = k.shape
+  value_dim = v.shape[3]
+  tables, table_specs = _tables(schedule, transposed=True)
+
+  def group_rows(width=None):
+    """All `N` rows of the `groups` query heads that share kv head `h`."""
+    shape = (pl.squeezed, st.groups, n) + ((width,) if width else ())
+    return pl.BlockSpec(shape, lambda b, h, j: (b, h, 0) + ((0,) if width else ()))
+
+  def key_tile(width):
+    return pl.BlockSpec((pl.squeezed, pl.squeezed, st.rows, width), lambda b, h, j: (b, h, j, 0))
+
+  in_specs = [
+    *table_specs,
+    group_rows(head_dim),
+    key_tile(head_dim),
+    key_tile(value_dim),
+    group_rows(value_dim),
+    group_rows(),
+    group_rows(),
+  ]
+  return _call(
+    st,
+    _dkv_kernel,
+    (batch, kv_heads, schedule.num_tiles),
+    in_specs,
+    [key_tile(head_dim), key_tile(value_dim)],
+    [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    "neighborhood_dkv_gpu",
+  )(*tables, q, k, v, d_out, lse, delta)
