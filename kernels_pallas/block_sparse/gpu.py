@@ -23,9 +23,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
 from kernels_pallas.block_sparse.common import FULL, MaskInfo, check_call, sinks_gradient
+from kernels_pallas.triton import triton_call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,19 +236,6 @@ def _tables(info: MaskInfo, transposed: bool):
   return (*tables, info.tiles)
 
 
-def _call(st, kernel, grid, in_specs, out_specs, out_shape, name):
-  return pl.pallas_call(
-    functools.partial(kernel, st=st),
-    grid=grid,
-    in_specs=in_specs,
-    out_specs=out_specs,
-    out_shape=out_shape,
-    compiler_params=pl_triton.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages),
-    interpret=st.interpret,
-    name=name,
-  )
-
-
 def _segment_specs(st, q_index, kv_index, q_len, kv_len, q_block=True, kv_block=False):
   if not st.has_segments:
     return []
@@ -285,7 +272,9 @@ def _forward(st, info, q, k, v, q_seg, kv_seg, sinks):
     jax.ShapeDtypeStruct((b, h, tq), jnp.float32),
   ]
   grid = (b, h, tq // st.block_q)
-  return _call(st, _fwd_kernel, grid, in_specs, out_specs, out_shape, "block_sparse_fwd_gpu")(*args)
+  return triton_call(st, _fwd_kernel, grid, in_specs, out_specs, out_shape, "block_sparse_fwd_gpu")(
+    *args
+  )
 
 
 def _dq(st, info, q, k, v, do, lse, delta, q_seg, kv_seg):
@@ -314,7 +303,7 @@ def _dq(st, info, q, k, v, do, lse, delta, q_seg, kv_seg):
     *_segment_specs(st, lambda bb, hh, i: (bb, i), lambda bb, hh, i: (bb, 0), tq, tk),
   ]
   args = [*tables, q, k, v, do, lse, delta, *([q_seg, kv_seg] if st.has_segments else [])]
-  return _call(
+  return triton_call(
     st,
     _dq_kernel,
     (b, h, tq // st.block_q),
@@ -359,7 +348,7 @@ def _dkv(st, info, q, k, v, do, lse, delta, q_seg, kv_seg):
     ),
   ]
   args = [*tables, q, k, v, do, lse, delta, *([q_seg, kv_seg] if st.has_segments else [])]
-  return _call(
+  return triton_call(
     st,
     _dkv_kernel,
     (b, hk, tk // st.block_kv),

@@ -50,9 +50,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
 from kernels_pallas.chunked_linear.common import check_shapes
+from kernels_pallas.triton import triton_call
 
 MIN_TILE = 16  # smallest tl.dot operand dimension
 
@@ -285,19 +285,6 @@ def _specs(st, seq, key_dim):
   )
 
 
-def _call(st, kernel, grid, in_specs, out_specs, out_shape, name):
-  return pl.pallas_call(
-    functools.partial(kernel, st=st),
-    grid=grid,
-    in_specs=in_specs,
-    out_specs=out_specs,
-    out_shape=out_shape,
-    compiler_params=pl_triton.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages),
-    interpret=st.interpret,
-    name=name,
-  )
-
-
 def _chunk_cumsum(log_decay, chunk):
   """Per-token log decay `[b, h, t(, f)]` -> G, its cumulative sum within each chunk."""
   batch, heads, seq = log_decay.shape[:3]
@@ -310,7 +297,7 @@ def _forward(st, q, k, v, log_decay, initial_state):
   value_dim = v.shape[3]
   specs = _specs(st, seq, key_dim)
   state_shape = jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)
-  return _call(
+  return triton_call(
     st,
     _forward_kernel,
     (batch, heads, value_dim // st.block_value),
@@ -339,7 +326,7 @@ def _chunked_bwd(st, residuals, cotangents):
   value_tiles = value_dim // st.block_value
   specs = _specs(st, seq, key_dim)
   per_tile = jax.ShapeDtypeStruct((batch, heads, value_tiles, seq, key_dim), jnp.float32)
-  dq_tiles, dk_tiles, dv, d_init = _call(
+  dq_tiles, dk_tiles, dv, d_init = triton_call(
     st,
     _backward_kernel,
     (batch, heads, value_tiles),

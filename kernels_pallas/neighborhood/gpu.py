@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
 from kernels_pallas.neighborhood.common import TileSchedule, check_call
+from kernels_pallas.triton import triton_call
 
 MIN_ROWS = 16  # tl.dot's smallest M, N and K on hardware
 
@@ -288,19 +288,6 @@ def _tables(schedule: TileSchedule, transposed: bool):
   return tables, [_whole(t.shape) for t in tables]
 
 
-def _call(st, kernel, grid, in_specs, out_specs, out_shape, name):
-  return pl.pallas_call(
-    functools.partial(kernel, st=st),
-    grid=grid,
-    in_specs=in_specs,
-    out_specs=out_specs,
-    out_shape=out_shape,
-    compiler_params=pl_triton.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages),
-    interpret=st.interpret,
-    name=name,
-  )
-
-
 def _query_tile(st, width=None):
   """Block of one query tile (`[T, width]`, or `[T]` rows of lse / delta) of head `h`."""
   shape = (pl.squeezed, pl.squeezed, st.rows) + ((width,) if width else ())
@@ -318,7 +305,7 @@ def _forward(st, schedule, q, k, v):
   batch, heads, n, head_dim = q.shape
   value_dim = v.shape[3]
   tables, table_specs = _tables(schedule, transposed=False)
-  return _call(
+  return triton_call(
     st,
     _forward_kernel,
     (batch, heads, schedule.num_tiles),
@@ -350,7 +337,7 @@ def _backward_dq(st, schedule, q, k, v, d_out, lse, delta):
     _query_tile(st),
     _query_tile(st),
   ]
-  return _call(
+  return triton_call(
     st,
     _dq_kernel,
     (batch, heads, schedule.num_tiles),
@@ -383,7 +370,7 @@ def _backward_dkv(st, schedule, q, k, v, d_out, lse, delta):
     group_rows(),
     group_rows(),
   ]
-  return _call(
+  return triton_call(
     st,
     _dkv_kernel,
     (batch, kv_heads, schedule.num_tiles),

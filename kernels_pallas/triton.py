@@ -1,0 +1,25 @@
+"""What every Triton-backend kernel of kernels_pallas shares: the `pallas_call` wiring."""
+
+from __future__ import annotations
+
+import functools
+
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+
+def triton_call(st, kernel, grid, in_specs, out_specs, out_shape, name):
+  """`pl.pallas_call` of `kernel(..., st=st)` with Triton compiler params from `st`.
+
+  `st` is the kernel's static settings: it carries `num_warps`, `num_stages` and `interpret`.
+  """
+  return pl.pallas_call(
+    functools.partial(kernel, st=st),
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    compiler_params=pl_triton.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages),
+    interpret=st.interpret,
+    name=name,
+  )
