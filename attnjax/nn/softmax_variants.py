@@ -47,16 +47,10 @@ class GatedAttention(Attention):
     gate: str = "elementwise",
     **attention_options,
   ):
-    super().__init__(
-      embed_dim,
-      variant=variant,
-      rngs=rngs,
-      **attention_options,
-    )
-    num_heads = self.q.shape[1]
+    super().__init__(embed_dim, variant=variant, rngs=rngs, **attention_options)
     if gate not in ("elementwise", "headwise"):
       raise ValueError(f"gate must be 'elementwise' or 'headwise', got gate={gate!r}")
-    head_dim = self.q.shape[2]
+    _, num_heads, head_dim = self.q.shape
     gate_shape, gate_axes = (
       ((embed_dim, num_heads, head_dim), ("embed", "heads", "head_dim"))
       if gate == "elementwise"
@@ -87,12 +81,7 @@ class SinkAttention(Attention):
     num_sink_tokens: int = 0,
     **attention_options,
   ):
-    super().__init__(
-      embed_dim,
-      variant=variant,
-      rngs=rngs,
-      **attention_options,
-    )
+    super().__init__(embed_dim, variant=variant, rngs=rngs, **attention_options)
     num_heads = self.q.shape[1]
     if num_sink_tokens < 0:
       raise ValueError(f"num_sink_tokens must be >= 0, got {num_sink_tokens}")
@@ -137,12 +126,7 @@ class MoHAttention(Attention):
     aux_loss_weight: float = 0.01,
     **attention_options,
   ):
-    super().__init__(
-      embed_dim,
-      variant=variant,
-      rngs=rngs,
-      **attention_options,
-    )
+    super().__init__(embed_dim, variant=variant, rngs=rngs, **attention_options)
     num_heads = self.q.shape[1]
     num_shared = num_heads // 4 if num_shared_heads is None else num_shared_heads
     num_routed = num_heads - num_shared
@@ -391,12 +375,7 @@ class SelectiveAttention(Attention):
     value_temperature: bool = True,
     **attention_options,
   ):
-    super().__init__(
-      embed_dim,
-      variant=variant,
-      rngs=rngs,
-      **attention_options,
-    )
+    super().__init__(embed_dim, variant=variant, rngs=rngs, **attention_options)
     num_heads = self.q.shape[1]
     _, kv_heads, head_dim = self.k.shape
     zeros = nnx.initializers.zeros
