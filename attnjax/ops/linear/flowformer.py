@@ -140,9 +140,7 @@ def flow_step(
 ) -> tuple[jax.Array, FlowState]:
   """One causal decoding step: `q_t [b, h, d]`, `k_t [b, hk, d]`, `v_t [b, hk, dv]`, state
   (None before the first token) -> (`o_t [b, h, dv]`, new state)."""
-  for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
-    if x.ndim != 3:
-      raise ValueError(f"{name} must be [batch, heads, dim] (one token), got shape {x.shape}")
+  api.check_token(q_t, k_t, v_t)
   out, state = flow_attention(
     q_t[:, None],
     k_t[:, None],

@@ -84,9 +84,7 @@ def lightnet_step(
 ) -> tuple[jax.Array, jax.Array]:
   """One decoding step: `q_t [b, h, d]`, `k_t [b, hk, d]`, `v_t [b, hk, dv]`, state (or None
   before the first token) -> (`o_t [b, h, dv]`, new state `[b, h, d, dv + 1]`)."""
-  for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
-    if x.ndim != 3:
-      raise ValueError(f"{name} must be [batch, heads, dim] (one token), got shape {x.shape}")
+  api.check_token(q_t, k_t, v_t)
   out, state = lightnet_attention(
     q_t[:, None],
     k_t[:, None],
