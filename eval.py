@@ -12,43 +12,25 @@ import json
 import os
 
 import jax
-import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from attnjax.training import checkpoint, distributed, evaluate, optimizer, sharding, trainer
+from attnjax.training import checkpoint, distributed, evaluate
 from attnjax.training import config as config_lib
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a training run saved in `workdir/config.json`, locked."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    return config_lib.lock(ml_collections.ConfigDict(_tuples(json.load(f))))
-
-
-def _tuples(value):
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
 def run(config, workdir: str) -> dict:
-  """Runs `config.eval.evaluators` on the newest readable checkpoint; returns the results."""
+  """Runs `config.eval.evaluators` on the newest readable checkpoint; returns the results.
+
+  `config` None: the one the run saved (`workdir/config.json`).
+  """
+  config = config_lib.load(workdir) if config is None else config
   config_lib.validate(config)
   distributed.maybe_initialize(config.distributed)
-  mesh = sharding.make_mesh(config.mesh.shape)
-  setup = trainer.setup(config, mesh, *optimizer.make_optimizer(config.train))
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1_000_000)
-  state, step = ckpt.restore_latest(setup.abstract_state)
-  ckpt.close()
-  if state is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-  context = evaluate.EvalContext(config, setup, state["params"], mesh)
-  results = {"step": step}
+  restored = checkpoint.restore(workdir, config)
+  results = {"step": restored.step}
   for name in config.eval.evaluators:
-    results[name] = evaluate.EVALUATORS[name](context)
+    results[name] = evaluate.EVALUATORS[name](restored.experiment, restored.params)
     if jax.process_index() == 0:
       print(f"{name}: {json.dumps(results[name])}")
   if jax.process_index() == 0:
@@ -90,8 +72,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value if _CONFIG.value is not None else load_run_config(_WORKDIR.value)
-  run(config, _WORKDIR.value)
+  run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":  # flags only when run as a script, so tests can import run()

@@ -15,7 +15,7 @@ eval accuracy >= 0.95 for every preset; measured at step 400 on that CPU: neighb
 dilated 1.000, halo 0.980, maxvit 0.990, biformer 0.992, wide 0.986; biformer_lce 1.000
 (380 s under heavy load).
 
-The `vit` model kind and the `shapes` data kind live in `attnjax.training.tasks`, so
+The `vit` model kind and the `shapes` data kind live in `attnjax.training.build`, so
 `train.py` and `eval.py` run it unchanged.
 """
 

@@ -101,7 +101,7 @@ def head_ablation_loss_change(
   model (NaN for layers not in `layers` and for heads a layer does not have).
 
   `loss_fn(model, batch)` returns a scalar loss, or a tuple whose first item is one (as
-  `attnjax.training.tasks.lm_loss` does).
+  `attnjax.training.build.lm_loss` does).
   """
   counts = num_heads(model)
   layers = check_layers(layers, len(layer_variants(model)))

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the train state: keep-last-N, restore the newest one that loads.
+"""Orbax checkpoints of the train state: keep-last-N, restore the newest one that loads, and
+`restore(workdir)`, the trained model of a finished or running run (for eval.py and analysis).
 
 Orbax writes a step into a temporary directory and renames it when complete, so a run
 killed mid-save leaves no step behind. A newest checkpoint that is nevertheless unreadable
@@ -7,15 +8,24 @@ killed mid-save leaves no step behind. A newest checkpoint that is nevertheless 
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import warnings
+from typing import Any
 
+import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from attnjax.training import build
+from attnjax.training import config as config_lib
 
 
 class Checkpointer:
   """Saves and restores `{"params", "opt_state", "step"}` pytrees under `directory`."""
 
-  def __init__(self, directory: str, *, keep: int):
+  def __init__(self, directory: str, *, keep: int | None = None):
+    """`keep`: how many checkpoints saving leaves (None: all of them)."""
     self.manager = ocp.CheckpointManager(
       directory,
       options=ocp.CheckpointManagerOptions(
@@ -62,3 +72,33 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A run's newest readable checkpoint: its experiment, parameters, step and model."""
+
+  experiment: build.Experiment
+  params: Any  # pure dict, sharded like `experiment.abstract_state["params"]`
+  step: int
+  model: nnx.Module  # `experiment.model(params)`
+
+
+def restore(workdir: str, config: ml_collections.ConfigDict | None = None) -> Restored:
+  """The newest readable checkpoint of the run in `workdir`, on the mesh of `config`.
+
+  `config` None: the one the run saved (`workdir/config.json`). For analysis,
+  `model = restore(workdir).model`; raises `FileNotFoundError` when `workdir` holds no
+  checkpoint.
+  """
+  config = config_lib.load(workdir) if config is None else config
+  config_lib.validate(config)
+  exp = build.experiment(config)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    state, step = ckpt.restore_latest(exp.abstract_state)
+  finally:
+    ckpt.close()
+  if state is None:
+    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints to restore")
+  return Restored(exp, state["params"], step, exp.model(state["params"]))

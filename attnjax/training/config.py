@@ -1,4 +1,5 @@
-"""The experiment config schema: defaults, locking and validation before any compilation.
+"""The experiment config schema: defaults, locking, validation before any compilation, and the
+copy of its config a run keeps in `workdir/config.json`.
 
 Every config file starts from `default_config()` (the full schema), sets its fields and
 returns `lock(config)`: a locked ConfigDict rejects unknown keys (`--config.modle.depth=2`
@@ -14,6 +15,9 @@ and `parallel.linear` ("lasp2", "zeco"; "lasp2h" is "lasp2") in linear layers, e
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import ml_collections
 
@@ -111,10 +115,10 @@ def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises `ValueError` naming the key whose value is invalid."""
-  from attnjax.training import tasks  # tables of model and data kinds
+  from attnjax.training import build  # tables of model and data kinds
 
-  _choice(config, "model.kind", tuple(tasks.MODELS))
-  _choice(config, "data.kind", tuple(tasks.DATASETS))
+  _choice(config, "model.kind", tuple(build.MODELS))
+  _choice(config, "data.kind", tuple(build.DATASETS))
   _choice(config, "model.dtype", DTYPES)
   _choice(config, "parallel.softmax", tuple(parallel_api.SOFTMAX_STRATEGIES))
   _choice(config, "parallel.linear", tuple(parallel_api.LINEAR_STRATEGIES))
@@ -154,7 +158,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(
         f"eval.evaluators: unknown evaluator {name!r}; known: {sorted(evaluate.EVALUATORS)}"
       )
-  tasks.DATASETS[config.data.kind].validate(config)
+  build.DATASETS[config.data.kind].validate(config)
+
+
+def save(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes `config` to `workdir/config.json`."""
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def load(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run saved in `workdir/config.json`, locked (JSON lists back to tuples)."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    return lock(ml_collections.ConfigDict(_tuples(json.load(f))))
+
+
+def _tuples(value):
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
 
 
 def _get(config, key: str):

@@ -1,8 +1,8 @@
 """The training loop: `run(config, workdir)` trains (or resumes) and returns a summary.
 
-mesh -> data -> abstract init -> sharded init or restore -> loop (donated state, JSONL and
-TensorBoard metrics, periodic eval and checkpoints, NaN stop, save on SIGTERM/SIGINT).
-`train.py` is its command line; notebooks and tests call `run` directly.
+mesh and abstract init (`build.experiment`) -> data -> restore or sharded init -> loop
+(donated state, JSONL and TensorBoard metrics, periodic eval and checkpoints, NaN stop, save
+on SIGTERM/SIGINT). `train.py` is its command line; notebooks and tests call `run` directly.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import sys
 import time
 
 import jax
-from flax import nnx
 from tqdm import tqdm
 
-from attnjax.training import checkpoint, distributed, optimizer, sharding, tasks, trainer
+from attnjax.training import build, checkpoint, distributed
 from attnjax.training import config as config_lib
 from attnjax.training.metrics import MetricWriter
+from attnjax.training.step import evaluate_loss, make_eval_step, make_train_step
 
 
 class _StopRequest:
@@ -44,26 +44,20 @@ def run(config, workdir: str, *, stop_at_step: int | None = None) -> dict:
   """
   config_lib.validate(config)
   distributed.maybe_initialize(config.distributed)
-  mesh = sharding.make_mesh(config.mesh.shape)
+  exp = build.experiment(config)  # the mesh, and the model's shapes and shardings: no memory
+  train_source, eval_source = exp.data("train"), exp.data("eval")
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  tx, schedule = optimizer.make_optimizer(config.train)
-  setup = trainer.setup(config, mesh, tx, schedule)
-  data_kind = tasks.DATASETS[config.data.kind]
-  train_source, eval_source = data_kind.make(config, "train"), data_kind.make(config, "eval")
-
   ckpt = checkpoint.Checkpointer(
     os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
   )
-  state, start = ckpt.restore_latest(setup.abstract_state)
+  state, start = ckpt.restore_latest(exp.abstract_state)
   if state is None:
-    state, start = setup.init(), 0
+    state, start = exp.init(), 0
   if is_main:
-    print(f"{'resuming from step ' + str(start) if start else 'starting'}; mesh {dict(mesh.shape)}")
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  train_step = trainer.make_train_step(config, setup)
-  eval_step = trainer.make_eval_step(config, setup)
+    print(f"{f'resuming from step {start}' if start else 'starting'}; mesh {dict(exp.mesh.shape)}")
+    config_lib.save(config, workdir)
+  train_step, eval_step = make_train_step(exp), make_eval_step(exp)
   writer = MetricWriter(workdir, enabled=is_main)
   stop = _StopRequest()
   steps, batch_size = config.train.steps, config.train.batch_size
@@ -75,9 +69,7 @@ def run(config, workdir: str, *, stop_at_step: int | None = None) -> dict:
   t_log, step_log, t_start = time.perf_counter(), start, time.perf_counter()
   try:
     for step in range(start, steps):
-      batch = trainer.load_batch(
-        train_source, step, config=config, mesh=mesh, split="train", batch_size=batch_size
-      )
+      batch = exp.batch(train_source, step, split="train", batch_size=batch_size)
       state, metrics = train_step(state, batch)
       metrics = jax.device_get(metrics)  # one scalar sync per step: the NaN stop names its step
       done = step + 1
@@ -101,9 +93,7 @@ def run(config, workdir: str, *, stop_at_step: int | None = None) -> dict:
         )
         writer.write(done, record)
       if done % config.train.eval_every == 0 or done == steps:
-        eval_metrics = trainer.evaluate_loss(
-          config, setup, eval_step, state["params"], eval_source, mesh
-        )
+        eval_metrics = evaluate_loss(exp, eval_step, state["params"], eval_source)
         writer.write(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
         if is_main:
           progress.write(f"step {done}: eval " + _format(eval_metrics))
@@ -135,25 +125,3 @@ def run(config, workdir: str, *, stop_at_step: int | None = None) -> dict:
 
 def _format(metrics: dict) -> str:
   return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-
-
-def restore_model(config, workdir: str):
-  """The model of `config` with the newest checkpoint's parameters in `workdir` (an NNX module).
-
-  For analysis after `run`: `model = restore_model(config, workdir)`; raises `FileNotFoundError`
-  when `workdir` holds no checkpoint.
-  """
-  config_lib.validate(config)
-  mesh = sharding.make_mesh(config.mesh.shape)
-  tx, schedule = optimizer.make_optimizer(config.train)
-  setup = trainer.setup(config, mesh, tx, schedule)
-  ckpt = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
-  )
-  try:
-    state, _ = ckpt.restore_latest(setup.abstract_state)
-  finally:
-    ckpt.close()
-  if state is None:
-    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints to restore")
-  return nnx.merge(setup.graphdef, state["params"])

@@ -8,7 +8,7 @@ from flax import nnx
 
 from attnjax import nn
 from attnjax.analysis import head_ablation_loss_change, mask_heads
-from attnjax.training.tasks import lm_loss
+from attnjax.training.build import lm_loss
 from tests.helpers import TOL_EXACT_F32, assert_close
 
 VOCAB, SEQ, HEADS = 32, 13, 4

@@ -4,8 +4,8 @@ import pytest
 from flax import nnx
 
 import train
+from attnjax.training import build
 from attnjax.training import config as config_lib
-from attnjax.training import tasks
 from configs import vision
 
 
@@ -13,7 +13,7 @@ from configs import vision
 def test_every_preset_validates_and_builds(preset):
   config = vision.get_config(preset)
   config_lib.validate(config)
-  model = nnx.eval_shape(lambda: tasks.MODELS["vit"].build(config, nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: build.MODELS["vit"].build(config, nnx.Rngs(0)))
   assert model.layer_names == (vision.PRESETS[preset][0],) * config.model.depth
 
 

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from attnjax import registry
+from attnjax.training import build, sharding
 from attnjax.training import config as config_lib
-from attnjax.training import optimizer, sharding, tasks, trainer
 from configs import mqar, pod_lm_1b, text_lm
 
 
@@ -19,11 +19,11 @@ from configs import mqar, pod_lm_1b, text_lm
 def test_every_variant_alone_and_in_a_hybrid_is_a_buildable_mqar_preset(name, hybrid):
   config = mqar.get_config(mqar.HYBRID_PREFIX + name if hybrid else name)
   config_lib.validate(config)
-  model = nnx.eval_shape(lambda: tasks.MODELS["lm"].build(config, nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: build.MODELS["lm"].build(config, nnx.Rngs(0)))
   assert model.layer_names == ((name, "softmax") if hybrid else (name, name))
   tokens = jax.ShapeDtypeStruct((2, config.data.mqar.seq_len), jnp.int32)
   # Traces init and the forward pass without compiling or allocating.
-  logits = jax.eval_shape(lambda t: tasks.MODELS["lm"].build(config, nnx.Rngs(0))(t), tokens)
+  logits = jax.eval_shape(lambda t: build.MODELS["lm"].build(config, nnx.Rngs(0))(t), tokens)
   assert logits.shape == (2, config.data.mqar.seq_len, config.model.vocab_size)
 
 
@@ -71,7 +71,7 @@ def test_config_docstrings_state_command_hardware_time_and_result(name):
 def test_text_config_validates_and_builds():
   config = text_lm.get_config()
   config_lib.validate(config)
-  model = nnx.eval_shape(lambda: tasks.MODELS["lm"].build(config, nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: build.MODELS["lm"].build(config, nnx.Rngs(0)))
   assert len(model.blocks) == config.model.depth
 
 
@@ -80,8 +80,8 @@ def test_pod_config_shards_every_parameter_on_a_simulated_256_chip_mesh():
   config_lib.validate(config)
   mesh = sharding.abstract_mesh(config.mesh.shape)
   assert math.prod(mesh.shape.values()) == 256
-  setup = trainer.setup(config, mesh, *optimizer.make_optimizer(config.train))
-  params = setup.abstract_state["params"]
+  exp = build.experiment(config, mesh)
+  params = exp.abstract_state["params"]
   leaves = jax.tree_util.tree_leaves_with_path(params)
   num_params = sum(math.prod(x.shape) for _, x in leaves)
   assert 1.0e9 < num_params < 1.15e9
@@ -99,7 +99,7 @@ def test_pod_config_shards_every_parameter_on_a_simulated_256_chip_mesh():
   # Matrices are split 64 ways (fsdp x tensor), norm scales 16 ways; data x seq replicate.
   param_bytes = sharding.bytes_per_device(params)
   assert 4 * num_params / 64 <= param_bytes < 1.01 * 4 * num_params / 64
-  state_bytes = sharding.bytes_per_device(setup.abstract_state)
+  state_bytes = sharding.bytes_per_device(exp.abstract_state)
   assert 2.9 * param_bytes < state_bytes < 3.1 * param_bytes  # AdamW keeps mu and nu
   assert state_bytes < 256 * 2**20
   batch = sharding.batch_sharding(mesh, config.mesh.rules, 2)

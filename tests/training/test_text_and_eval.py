@@ -54,7 +54,7 @@ def test_eval_writes_curves_and_plot(text_run):
 
 
 def test_eval_restores_the_saved_config_of_a_run(mqar_run, tmp_path):
-  results = eval_main.run(eval_main.load_run_config(mqar_run), mqar_run)
+  results = eval_main.run(None, mqar_run)
   assert results["step"] == 30
   final_eval = [m for m in read_metrics(mqar_run) if "eval/accuracy" in m][-1]
   assert results["loss"]["accuracy"] == pytest.approx(final_eval["eval/accuracy"])

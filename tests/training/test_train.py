@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import train
-from attnjax.training import loop, tasks
+from attnjax.training import build, checkpoint
 from attnjax.training.metrics import read_metrics
 from tests.training.tiny import TINY_FLAGS, tiny_config
 
@@ -129,16 +129,17 @@ def test_sigkilled_run_resumes_from_its_last_checkpoint(tmp_path):
       assert m["train/loss"] == pytest.approx(killed_losses[m["step"]], rel=1e-6)
 
 
-def test_restore_model_has_the_trained_parameters(mqar_run):
+def test_restore_has_the_trained_parameters(mqar_run):
   config = tiny_config()
-  source = tasks.DATASETS[config.data.kind].make(config, "eval")
+  source = build.DATASETS[config.data.kind].make(config, "eval")
   batch = source.batch(0, seed=config.seed, global_batch_size=8, split="eval")
-  trained = loop.restore_model(config, mqar_run)
-  untrained = tasks.MODELS[config.model.kind].build(config, nnx.Rngs(config.seed))
-  trained_loss = float(tasks.lm_loss(trained, batch)[0])
-  assert trained_loss < float(tasks.lm_loss(untrained, batch)[0]) - 0.3
+  restored = checkpoint.restore(mqar_run)  # the run's saved config
+  assert restored.step == 30 and restored.experiment.config.train.steps == 30
+  untrained = build.MODELS[config.model.kind].build(config, nnx.Rngs(config.seed))
+  trained_loss = float(build.lm_loss(restored.model, batch)[0])
+  assert trained_loss < float(build.lm_loss(untrained, batch)[0]) - 0.3
 
 
-def test_restore_model_without_checkpoint_raises(tmp_path):
+def test_restore_without_checkpoint_raises(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    loop.restore_model(tiny_config(), str(tmp_path))
+    checkpoint.restore(str(tmp_path), tiny_config())

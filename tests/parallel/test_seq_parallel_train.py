@@ -1,5 +1,5 @@
-"""Training with the sequence split over the mesh axis `seq` (issue 7): the losses of a hybrid
-model on a data=2 x seq=4 mesh equal those on data=2 x fsdp=4 (seq=1), on 8 CPU devices."""
+"""Training with the sequence split over the mesh axis `seq`: the losses of a hybrid model on a
+data=2 x seq=4 mesh equal those on data=2 x fsdp=4 (seq=1), on 8 CPU devices."""
 
 import functools
 
@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 
 from attnjax.nn.seq_parallel import SeqParallel
+from attnjax.training import build, sharding
 from attnjax.training import config as config_lib
-from attnjax.training import optimizer, sharding, tasks, trainer
+from attnjax.training.step import make_train_step
 from tests.helpers import assert_close, random_normal
 from tests.training.tiny import tiny_config
 
@@ -30,25 +31,16 @@ def _hybrid(seq: int, softmax: str = "ring", linear: str = "lasp2", pattern="sof
   return config
 
 
-def _setup(config):
-  mesh = sharding.make_mesh(config.mesh.shape)
-  return mesh, trainer.setup(config, mesh, *optimizer.make_optimizer(config.train))
-
-
 def _train_losses(config) -> list[float]:
-  """Losses of `STEPS` train steps of `config` (the trainer's own jitted step and batches)."""
-  mesh, setup = _setup(config)
-  mixers = [
-    block.mixer for block in nnx.merge(setup.graphdef, setup.abstract_state["params"]).blocks
-  ]
-  expected = tasks.seq_parallel(config, mesh)
+  """Losses of `STEPS` train steps of `config` (the loop's own jitted step and batches)."""
+  exp = build.experiment(config)
+  mixers = [block.mixer for block in exp.model(exp.abstract_state["params"]).blocks]
+  expected = build.seq_parallel(config, exp.mesh)
   assert all(mixer.seq_parallel == expected for mixer in mixers)  # split exactly when seq > 1
-  source = tasks.DATASETS[config.data.kind].make(config, "train")
-  step, state, losses = trainer.make_train_step(config, setup), setup.init(), []
+  source = exp.data("train")
+  step, state, losses = make_train_step(exp), exp.init(), []
   for i in range(STEPS):
-    batch = trainer.load_batch(
-      source, i, config=config, mesh=mesh, split="train", batch_size=config.train.batch_size
-    )
+    batch = exp.batch(source, i, split="train", batch_size=config.train.batch_size)
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
   return losses
@@ -85,8 +77,8 @@ def test_mixer_options_reach_the_split_ops_values_and_gradients():
 
     return nnx.grad(loss, has_aux=True)(model)
 
-  grads, logits = logits_and_grads(tasks.MODELS["lm"].build(config, nnx.Rngs(0), mesh))
-  ref_grads, ref_logits = logits_and_grads(tasks.MODELS["lm"].build(config, nnx.Rngs(0)))
+  grads, logits = logits_and_grads(build.MODELS["lm"].build(config, nnx.Rngs(0), mesh))
+  ref_grads, ref_logits = logits_and_grads(build.MODELS["lm"].build(config, nnx.Rngs(0)))
   assert_close(logits, ref_logits, 1e-5, "logits")
   ref_leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(ref_grads))
   leaves = jax.tree.leaves(nnx.to_pure_dict(grads))
@@ -96,7 +88,7 @@ def test_mixer_options_reach_the_split_ops_values_and_gradients():
 
 def test_parameter_tree_does_not_depend_on_the_seq_axis():
   """Checkpoints interchange: the same parameters, shapes and dtypes with seq=4 or seq=1."""
-  split, unsplit = (_setup(_hybrid(seq=seq))[1].abstract_state["params"] for seq in (4, 1))
+  split, unsplit = (build.experiment(_hybrid(seq=seq)).abstract_state["params"] for seq in (4, 1))
   assert jax.tree.structure(split) == jax.tree.structure(unsplit)
   for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(unsplit), strict=True):
     assert (a.shape, a.dtype) == (b.shape, b.dtype)
@@ -133,16 +125,16 @@ def test_layer_that_cannot_be_split_fails_at_setup_naming_variant_and_strategy(
   config = _hybrid(seq=4, softmax=softmax, pattern=pattern)
   config.model.mixer_options = mixer_options
   with pytest.raises(ValueError, match=match):
-    _setup(config)
+    build.experiment(config)
   config.mesh.shape.update(dict(fsdp=4, seq=1))
-  _setup(config)  # the same layers build unsplit
+  build.experiment(config)  # the same layers build unsplit
 
 
 def test_model_without_seq_axis_builds_no_context():
   mesh = sharding.make_mesh(_hybrid(seq=1).mesh.shape)
-  assert tasks.seq_parallel(_hybrid(seq=1), mesh) is None
+  assert build.seq_parallel(_hybrid(seq=1), mesh) is None
   split = _hybrid(seq=4)
-  context = tasks.seq_parallel(split, sharding.make_mesh(split.mesh.shape))
+  context = build.seq_parallel(split, sharding.make_mesh(split.mesh.shape))
   assert context == SeqParallel(
     context.mesh, softmax="ring", linear="lasp2", axis="seq", batch_axes=("data", "fsdp")
   )

@@ -1,6 +1,12 @@
-"""What to train: tables of model kinds and data kinds, selected by `config.model.kind` and
-`config.data.kind`.
+"""What a config builds before the first step: the mesh, the model, its data and its sharded state.
 
+`experiment(config)` makes the device mesh, builds the model abstractly (`jax.eval_shape`, no
+device memory), derives the shardings of the train state from the parameters' logical axis
+names and `config.mesh.rules`, and returns an `Experiment`: `init()` creates the sharded train
+state, `data(split)` the data source, `batch(...)` places a global batch on the mesh. It is the
+one place where the config's mesh and rules become shardings.
+
+Model kinds and data kinds are tables selected by `config.model.kind` and `config.data.kind`.
 To add a task (say image classification), add a `ModelKind` (how to build the module from the
 config, and its loss on a batch) and a `DataKind` (a source whose `batch(step, ...)` returns
 the process-local rows of global batch `step` as numpy arrays, and a config check) to these
@@ -17,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -27,6 +34,7 @@ from attnjax.data.shapes import Shapes
 from attnjax.nn.seq_parallel import SeqParallel
 from attnjax.nn.softmax_variants import AUX_LOSS
 from attnjax.nn.vision import VisionTransformer, classification_loss
+from attnjax.training import optimizer, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,3 +227,112 @@ DATASETS: dict[str, DataKind] = {
   "text": DataKind(make=_make_text, validate=_validate_text),
   "shapes": DataKind(make=make_shapes, validate=validate_shapes),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """The model of `config` on `mesh`, abstract until `init()`, with its optimizer and data.
+
+  The train state is a plain pytree `{"params", "opt_state", "step"}`; the model's structure
+  (`graphdef`) stays here, and `model(params)` re-assembles the module with `nnx.merge`.
+  """
+
+  config: ml_collections.ConfigDict
+  mesh: Any
+  graphdef: Any
+  abstract_state: Any  # ShapeDtypeStructs carrying the target shardings
+  state_shardings: Any
+  init: Callable[[], Any]  # () -> sharded train state
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+
+  @property
+  def loss(self) -> Callable[[nnx.Module, dict], tuple[jax.Array, dict[str, jax.Array]]]:
+    """The model kind's `loss(module, batch) -> (loss, sums)`."""
+    return MODELS[self.config.model.kind].loss
+
+  def model(self, params) -> nnx.Module:
+    """The module with parameters `params` (a pure dict like `abstract_state["params"]`)."""
+    return nnx.merge(self.graphdef, params)
+
+  def data(self, split: str = "train", seq_len: int | None = None):
+    """The source of `split` (sequences of `seq_len` tokens; None: the config's length)."""
+    return DATASETS[self.config.data.kind].make(self.config, split, seq_len=seq_len)
+
+  def batch(self, source, step: int, *, split: str, batch_size: int) -> dict[str, jax.Array]:
+    """Global batch `step` of `split` from `source`, sharded over the batch axes of the mesh.
+
+    This process loads only its own rows; each array is `[batch_size, seq, ...]` (its first
+    two dims split by the logical axes `batch` and `seq` of `mesh.rules`).
+    """
+    local = source.batch(
+      step,
+      seed=self.config.seed,
+      global_batch_size=batch_size,
+      split=split,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+    return {key: self._global(rows) for key, rows in local.items()}
+
+  def _global(self, rows: np.ndarray) -> jax.Array:
+    target = sharding.batch_sharding(self.mesh, self.config.mesh.rules, rows.ndim)
+    global_shape = (rows.shape[0] * jax.process_count(), *rows.shape[1:])
+    return jax.make_array_from_process_local_data(target, rows, global_shape)
+
+
+def experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment:
+  """Builds `config`'s model abstractly (no memory) on `mesh` (None: `config.mesh.shape`).
+
+  The parameters' shardings come from their logical axis names through `config.mesh.rules`
+  (an indivisible dimension raises here); the optimizer state shards like its parameters.
+  With `mesh.shape["seq"] > 1` the mixers split the sequence over that axis
+  (`seq_parallel`), and a layer that cannot be split raises here.
+  """
+  mesh = sharding.make_mesh(config.mesh.shape) if mesh is None else mesh
+  tx, schedule = optimizer.make_optimizer(config.train)
+  model_kind = MODELS[config.model.kind]
+
+  def init_params():
+    return nnx.split(model_kind.build(config, nnx.Rngs(config.seed), mesh))
+
+  graphdef, abstract_params = jax.eval_shape(init_params)
+  logical_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+  abstract_params = nnx.to_pure_dict(abstract_params)
+  param_shardings = sharding.tree_shardings(logical_specs, config.mesh.rules, mesh)
+  sharding.check_divisible(abstract_params, param_shardings)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  opt_shardings = optax.tree_map_params(
+    tx,
+    lambda _, s: s,
+    abstract_opt,
+    param_shardings,
+    transform_non_params=lambda _: replicated,
+  )
+  state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+  abstract = {
+    "params": abstract_params,
+    "opt_state": abstract_opt,
+    "step": jnp.zeros((), jnp.int32),
+  }
+  abstract_state = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=s),
+    abstract,
+    state_shardings,
+  )
+
+  def init():
+    params = nnx.to_pure_dict(init_params()[1])
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  return Experiment(
+    config=config,
+    mesh=mesh,
+    graphdef=graphdef,
+    abstract_state=abstract_state,
+    state_shardings=state_shardings,
+    init=jax.jit(init, out_shardings=state_shardings),
+    tx=tx,
+    schedule=schedule,
+  )
