@@ -24,7 +24,7 @@ import time
 
 import jax
 
-from attnjax.ops.neighborhood import BlockSizes, kernel, neighborhood_attention, window
+from attnjax.ops.neighborhood import BlockSizes, neighborhood_attention, pallas, window
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 BATCH, HEADS, HEAD_DIM = 1, 2, 32
@@ -87,8 +87,8 @@ def main() -> None:
           "xla": window.tile_plan((size, size), windows, (args.tile, args.tile)).visited_fraction,
           "reference": 1.0,
         }
-        if backend in kernel.KERNELS:  # impl="pallas" runs the backend's kernel
-          kernel_tile = kernel.kernel_tile(backend, (size, size), windows)
+        if backend in pallas.KERNELS:  # impl="pallas" runs the backend's kernel
+          kernel_tile = pallas.kernel_tile(backend, (size, size), windows)
           fractions["pallas"] = window.tile_plan(
             (size, size), windows, kernel_tile
           ).visited_fraction
@@ -113,7 +113,7 @@ def main() -> None:
     "heads": HEADS,
     "head_dim": HEAD_DIM,
     "tile": [args.tile, args.tile],
-    "pallas_kernel": backend if backend in kernel.KERNELS else None,
+    "pallas_kernel": backend if backend in pallas.KERNELS else None,
   }
   out = {"meta": meta, "records": records}
   (RESULTS / "neighborhood.json").write_text(json.dumps(out, indent=1))

@@ -1,4 +1,5 @@
-"""What every Triton-backend kernel of kernels_pallas shares: the `pallas_call` wiring."""
+"""What every Triton-backend kernel of kernels_pallas shares: the smallest dot tile and the
+`pallas_call` wiring."""
 
 from __future__ import annotations
 
@@ -6,6 +7,13 @@ import functools
 
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
+
+MIN_DOT = 16  # tl.dot's smallest M, N and K on hardware
+
+
+def whole(shape) -> pl.BlockSpec:
+  """A block that is the whole array of `shape`, read by every program."""
+  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
 def triton_call(st, kernel, grid, in_specs, out_specs, out_shape, name):

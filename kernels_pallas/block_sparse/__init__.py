@@ -1,9 +1,10 @@
-"""Block-sparse flash attention kernels: Mosaic TPU (`tpu.py`), Triton GPU (`gpu.py`).
+"""Block-sparse flash attention kernels: `tpu` (Mosaic) and `gpu` (Triton), one signature.
 
-Shared pieces (block sizes, tile lists, argument checks) live in `common.py`.
+Each module's `block_sparse_attention` equals `attnjax.ops.softmax.reference.attention` on the
+mask a `MaskInfo` encodes; block sizes, tile lists and argument checks are shared (`common.py`).
 """
 
+from kernels_pallas.block_sparse import gpu, tpu
 from kernels_pallas.block_sparse.common import BlockSizes, MaskInfo
-from kernels_pallas.block_sparse.tpu import block_sparse_attention
 
-__all__ = ["BlockSizes", "MaskInfo", "block_sparse_attention"]
+__all__ = ["BlockSizes", "MaskInfo", "gpu", "tpu"]

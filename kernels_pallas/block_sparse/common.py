@@ -1,4 +1,5 @@
-"""Pieces shared by the block-sparse kernels: block sizes and the tile lists they iterate over.
+"""Pieces shared by the block-sparse kernels: block sizes, the tile lists they iterate over, the
+argument checks and the backward pass around their dq and dk/dv kernels.
 
 The kernels depend on jax only: `attnjax.masks.BlockMask` is converted to a `MaskInfo` by
 `attnjax.ops.softmax.pallas` before the call.
@@ -17,8 +18,10 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes. On TPU, `block_q % 8 == 0` and `block_kv % 128 == 0` (or one block spans the
-  whole padded length); partial-mask tiles are int8, so `block_q % 32 == 0` there too."""
+  """Query and kv rows per tile, of the kernels and of the XLA blockwise path.
+
+  Each backend adds its rules (`tpu.check_block_sizes`, `gpu.check_block_sizes`).
+  """
 
   block_q: int = 512
   block_kv: int = 512
@@ -34,19 +37,6 @@ class BlockSizes:
     return BlockSizes(
       min(self.block_q, -(-q_len // 8) * 8), min(self.block_kv, -(-kv_len // 8) * 8)
     )
-
-  def check_tpu(self, q_len_padded: int, kv_len_padded: int) -> None:
-    """Raises ValueError unless the tiles satisfy Mosaic's (8, 128) block-shape rule."""
-    if self.block_q % 32 and self.block_q != q_len_padded:
-      raise ValueError(
-        f"block_q={self.block_q} must be a multiple of 32 on TPU (8 for f32 rows, 32 for the "
-        f"int8 mask tiles) or equal the padded q length {q_len_padded}"
-      )
-    if self.block_kv % 128 and self.block_kv != kv_len_padded:
-      raise ValueError(
-        f"block_kv={self.block_kv} must be a multiple of 128 on TPU or equal the padded kv "
-        f"length {kv_len_padded}"
-      )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -107,6 +97,39 @@ jax.tree_util.register_dataclass(
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Static:
+  """Everything static about one call (hashable: the `custom_vjp`'s non-differentiable argument)."""
+
+  scale: float
+  softcap: float | None
+  has_segments: bool
+  padding_id: int | None
+  has_sinks: bool
+  per_head: bool
+  groups: int  # query heads per kv head
+  block_q: int
+  block_kv: int
+  interpret: object  # bool, or `pltpu.InterpretParams` for the TPU kernels
+
+  @classmethod
+  def of_call(cls, q, k, mask_info: MaskInfo, *, scale, softcap, segment_ids, padding_id, sinks,
+              interpret):  # fmt: skip
+    """The settings of a `block_sparse_attention` call (arguments as it takes them)."""
+    return cls(
+      scale=float(scale),
+      softcap=None if softcap is None else float(softcap),
+      has_segments=segment_ids is not None,
+      padding_id=padding_id,
+      has_sinks=sinks is not None,
+      per_head=mask_info.mask_heads > 1,
+      groups=q.shape[2] // k.shape[2],
+      block_q=mask_info.block_q,
+      block_kv=mask_info.block_kv,
+      interpret=interpret,
+    )
+
+
 def check_call(q, k, v, mask_info: MaskInfo) -> None:
   """Validates `[b, t, h, d]` q/k/v against each other and against the mask's tiling."""
   b, tq, h, d = q.shape
@@ -139,3 +162,53 @@ def sinks_gradient(sinks, lse, delta, head_axis: int):
   p_sink = jnp.exp(sinks.reshape(shape) - jnp.where(live, lse, 0.0)) * live
   axes = tuple(a for a in range(lse.ndim) if a != head_axis)
   return -(p_sink * delta).sum(axis=axes)
+
+
+def kernel_operands(q, k, v, mask_info: MaskInfo, segment_ids, sinks, head_dims=None):
+  """The kernels' operands `(info, q, k, v, sinks, q_seg, kv_seg)` of a call.
+
+  q, k, v heads-major `[batch, heads, padded_len, dim]`: lengths zero-padded to whole blocks and,
+  when `head_dims = (d, dv)` is given, head dims zero-padded to those; `q_seg`, `kv_seg` int32
+  `[batch, padded_len]` (None without segment ids); `sinks` float32 `[heads]` (zeros without
+  sinks); `info` the MaskInfo with its lists as device arrays.
+  """
+  q_len_padded = mask_info.num_q_blocks * mask_info.block_q
+  kv_len_padded = mask_info.num_kv_blocks * mask_info.block_kv
+  d, dv = head_dims or (q.shape[3], v.shape[3])
+
+  def heads_major(x, length, width):
+    x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, width - x.shape[3])))
+    return x.transpose(0, 2, 1, 3)
+
+  q_seg = kv_seg = None
+  if segment_ids is not None:
+    q_ids, kv_ids = (jnp.asarray(x, jnp.int32) for x in segment_ids)
+    q_seg = jnp.pad(q_ids, ((0, 0), (0, q_len_padded - q_ids.shape[1])))
+    kv_seg = jnp.pad(kv_ids, ((0, 0), (0, kv_len_padded - kv_ids.shape[1])))
+  sinks = jnp.zeros((q.shape[2],), jnp.float32) if sinks is None else sinks.astype(jnp.float32)
+  return (
+    jax.tree.map(jnp.asarray, mask_info),
+    heads_major(q, q_len_padded, d),
+    heads_major(k, kv_len_padded, d),
+    heads_major(v, kv_len_padded, dv),
+    sinks,
+    q_seg,
+    kv_seg,
+  )
+
+
+def backward(dq_call, dkv_call, st, residuals, cotangents):
+  """The `custom_vjp` backward of both backends, given their dq and dk/dv `pallas_call`s.
+
+  `residuals` are `(info, q, k, v, sinks, q_seg, kv_seg, out, lse)` in the kernels' heads-major
+  layout; returns the cotangents of `(info, q, k, v, sinks, q_seg, kv_seg)`.
+  """
+  info, q, k, v, sinks, q_seg, kv_seg, out, lse = residuals
+  d_out, d_lse = cotangents
+  d_out = d_out.astype(jnp.float32)
+  # FA-2: dS = P (dP - delta), delta = rowsum(dO * O); an lse cotangent contributes P * dlse.
+  delta = (d_out * out.astype(jnp.float32)).sum(-1).reshape(lse.shape) - d_lse
+  dq = dq_call(st, info, q, k, v, d_out, lse, delta, q_seg, kv_seg)
+  dk, dv = dkv_call(st, info, q, k, v, d_out, lse, delta, q_seg, kv_seg)
+  d_sinks = sinks_gradient(sinks, lse, delta, 1) if st.has_sinks else jnp.zeros_like(sinks)
+  return None, dq, dk, dv, d_sinks, None, None

@@ -18,30 +18,43 @@ GQA group (K/V are never repeated). Probabilities are recomputed from the saved 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels_pallas.block_sparse.common import FULL, MaskInfo, check_call, sinks_gradient
-from kernels_pallas.triton import triton_call
+from kernels_pallas import common
+from kernels_pallas.block_sparse.common import (
+  FULL,
+  BlockSizes,
+  MaskInfo,
+  Static,
+  backward,
+  check_call,
+  kernel_operands,
+)
+from kernels_pallas.triton import MIN_DOT, triton_call, whole
+
+
+def check_block_sizes(block_sizes: BlockSizes, *, interpret: bool) -> None:
+  """Raises ValueError unless both blocks are powers of two, at least `MIN_DOT` on hardware."""
+  smallest = 1 if interpret else MIN_DOT
+  for name in ("block_q", "block_kv"):
+    value = getattr(block_sizes, name)
+    if not common.is_power_of_two(value) or value < smallest:
+      raise ValueError(f"{name}={value} must be a power of two >= {smallest} for the Triton kernel")
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
-  scale: float
-  softcap: float | None
-  has_segments: bool
-  padding_id: int | None
-  has_sinks: bool
-  per_head: bool
-  groups: int
-  block_q: int
-  block_kv: int
-  interpret: bool
+class _Static(Static):
+  """`common.Static` (shared with the TPU kernels) plus the Triton launch settings."""
+
   num_warps: int = 4
   num_stages: int = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel bodies.
 
 
 def _logits(st, q, k):
@@ -72,7 +85,7 @@ def _tile_inputs(st, refs, row_head, row, j):
   return kind, indices_ref[mask_head, row, j], tile
 
 
-def _fwd_kernel(
+def _forward_kernel(
   counts_ref, indices_ref, kinds_ref, pids_ref, tiles_ref, q_ref, k_ref, v_ref, *refs, st
 ):
   q_seg_ref, kv_seg_ref, sinks_ref, o_ref, lse_ref = _unpack(st, refs, with_sinks=True)
@@ -224,8 +237,8 @@ def _dkv_kernel(
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _whole(shape):
-  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+# ---------------------------------------------------------------------------------------------
+# pallas_call wiring.
 
 
 def _tables(info: MaskInfo, transposed: bool):
@@ -244,12 +257,12 @@ def _segment_specs(st, q_index, kv_index, q_len, kv_len, q_block=True, kv_block=
   return [pl.BlockSpec(q_shape, q_index), pl.BlockSpec(kv_shape, kv_index)]
 
 
-def _forward(st, info, q, k, v, q_seg, kv_seg, sinks):
+def _forward_call(st, info, q, k, v, q_seg, kv_seg, sinks):
   b, h, tq, d = q.shape
   tk, dv = k.shape[2], v.shape[-1]
   tables = _tables(info, transposed=False)
   in_specs = [
-    *(_whole(t.shape) for t in tables),
+    *(whole(t.shape) for t in tables),
     pl.BlockSpec((pl.squeezed, pl.squeezed, st.block_q, d), lambda bb, hh, i: (bb, hh, i, 0)),
     pl.BlockSpec(
       (pl.squeezed, pl.squeezed, tk, d), lambda bb, hh, i: (bb, jax.lax.div(hh, st.groups), 0, 0)
@@ -261,7 +274,7 @@ def _forward(st, info, q, k, v, q_seg, kv_seg, sinks):
   ]
   args = [*tables, q, k, v, *([q_seg, kv_seg] if st.has_segments else [])]
   if st.has_sinks:
-    in_specs.append(_whole(sinks.shape))
+    in_specs.append(whole(sinks.shape))
     args.append(sinks)
   out_specs = [
     pl.BlockSpec((pl.squeezed, pl.squeezed, st.block_q, dv), lambda bb, hh, i: (bb, hh, i, 0)),
@@ -272,12 +285,12 @@ def _forward(st, info, q, k, v, q_seg, kv_seg, sinks):
     jax.ShapeDtypeStruct((b, h, tq), jnp.float32),
   ]
   grid = (b, h, tq // st.block_q)
-  return triton_call(st, _fwd_kernel, grid, in_specs, out_specs, out_shape, "block_sparse_fwd_gpu")(
-    *args
-  )
+  return triton_call(
+    st, _forward_kernel, grid, in_specs, out_specs, out_shape, "block_sparse_fwd_gpu"
+  )(*args)
 
 
-def _dq(st, info, q, k, v, do, lse, delta, q_seg, kv_seg):
+def _dq_call(st, info, q, k, v, do, lse, delta, q_seg, kv_seg):
   b, h, tq, d = q.shape
   tk, dv = k.shape[2], v.shape[-1]
   tables = _tables(info, transposed=False)
@@ -293,7 +306,7 @@ def _dq(st, info, q, k, v, do, lse, delta, q_seg, kv_seg):
     )
 
   in_specs = [
-    *(_whole(t.shape) for t in tables),
+    *(whole(t.shape) for t in tables),
     rows(d),
     whole_kv(d),
     whole_kv(dv),
@@ -314,7 +327,7 @@ def _dq(st, info, q, k, v, do, lse, delta, q_seg, kv_seg):
   )(*args)
 
 
-def _dkv(st, info, q, k, v, do, lse, delta, q_seg, kv_seg):
+def _dkv_call(st, info, q, k, v, do, lse, delta, q_seg, kv_seg):
   b, h, tq, d = q.shape
   hk, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
   g = st.groups
@@ -330,7 +343,7 @@ def _dkv(st, info, q, k, v, do, lse, delta, q_seg, kv_seg):
     )
 
   in_specs = [
-    *(_whole(t.shape) for t in tables),
+    *(whole(t.shape) for t in tables),
     group_rows(d),
     kv_rows(d),
     kv_rows(dv),
@@ -359,8 +372,8 @@ def _dkv(st, info, q, k, v, do, lse, delta, q_seg, kv_seg):
   )(*args)
 
 
-def _pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
+# ---------------------------------------------------------------------------------------------
+# The public function.
 
 
 def block_sparse_attention(
@@ -378,66 +391,30 @@ def block_sparse_attention(
 ) -> tuple[jax.Array, jax.Array]:
   """Same contract as `kernels_pallas.block_sparse.tpu.block_sparse_attention`."""
   check_call(q, k, v, mask_info)
-  tq, h, d = q.shape[1:]
-  tk, hk, dv = k.shape[1], k.shape[2], v.shape[-1]
-  bq, bkv = mask_info.block_q, mask_info.block_kv
-  smallest = 1 if interpret else 16  # tl.dot needs 16 x 16 tiles on hardware
-  for name, value in (("block_q", bq), ("block_kv", bkv)):
-    if value != _pow2(value) or value < smallest:
-      raise ValueError(f"{name}={value} must be a power of two >= {smallest} for the Triton kernel")
-  tq_pad, tk_pad = mask_info.num_q_blocks * bq, mask_info.num_kv_blocks * bkv
-  st = _Static(
-    scale=float(scale),
-    softcap=None if softcap is None else float(softcap),
-    has_segments=segment_ids is not None,
-    padding_id=padding_id,
-    has_sinks=sinks is not None,
-    per_head=mask_info.mask_heads > 1,
-    groups=h // hk,
-    block_q=bq,
-    block_kv=bkv,
-    interpret=bool(interpret),
-  )
-  d_pad, dv_pad = _pow2(d), _pow2(dv)
-
-  def heads_major(x, length, width):
-    x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, width - x.shape[3])))
-    return x.transpose(0, 2, 1, 3)
-
-  q_h, k_h, v_h = (
-    heads_major(q, tq_pad, d_pad),
-    heads_major(k, tk_pad, d_pad),
-    heads_major(v, tk_pad, dv_pad),
-  )
-  q_seg = kv_seg = None
-  if segment_ids is not None:
-    q_seg = jnp.pad(jnp.asarray(segment_ids[0], jnp.int32), ((0, 0), (0, tq_pad - tq)))
-    kv_seg = jnp.pad(jnp.asarray(segment_ids[1], jnp.int32), ((0, 0), (0, tk_pad - tk)))
-  sinks = jnp.zeros((h,), jnp.float32) if sinks is None else sinks.astype(jnp.float32)
-  info = jax.tree.map(jnp.asarray, mask_info)
-  out, lse = _attention(st, info, q_h, k_h, v_h, sinks, q_seg, kv_seg)
-  return out[:, :, :tq, :dv].transpose(0, 2, 1, 3), lse[:, :, :tq].transpose(0, 2, 1)
+  check_block_sizes(BlockSizes(mask_info.block_q, mask_info.block_kv), interpret=interpret)
+  st = _Static.of_call(
+    q, k, mask_info, scale=scale, softcap=softcap, segment_ids=segment_ids,
+    padding_id=padding_id, sinks=sinks, interpret=bool(interpret),
+  )  # fmt: skip
+  q_len, value_dim = q.shape[1], v.shape[3]
+  # Triton tiles are powers of two: zero head-dim columns change neither logits nor outputs.
+  head_dims = (common.next_power_of_two(q.shape[3]), common.next_power_of_two(value_dim))
+  operands = kernel_operands(q, k, v, mask_info, segment_ids, sinks, head_dims)
+  out, lse = _attention(st, *operands)
+  return out[:, :, :q_len, :value_dim].transpose(0, 2, 1, 3), lse[:, :, :q_len].transpose(0, 2, 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(st, info, q, k, v, sinks, q_seg, kv_seg):
-  return _forward(st, info, q, k, v, q_seg, kv_seg, sinks)
+# ---------------------------------------------------------------------------------------------
+# custom_vjp wiring.
 
 
-def _attention_fwd(st, info, q, k, v, sinks, q_seg, kv_seg):
-  out, lse = _forward(st, info, q, k, v, q_seg, kv_seg, sinks)
+def _forward(st, info, q, k, v, sinks, q_seg, kv_seg):
+  out, lse = _forward_call(st, info, q, k, v, q_seg, kv_seg, sinks)
   return (out, lse), (info, q, k, v, sinks, q_seg, kv_seg, out, lse)
 
 
-def _attention_bwd(st, residuals, cotangents):
-  info, q, k, v, sinks, q_seg, kv_seg, out, lse = residuals
-  d_out, d_lse = cotangents
-  d_out = d_out.astype(jnp.float32)
-  delta = (d_out * out.astype(jnp.float32)).sum(-1) - d_lse
-  dq = _dq(st, info, q, k, v, d_out, lse, delta, q_seg, kv_seg)
-  dk, dv = _dkv(st, info, q, k, v, d_out, lse, delta, q_seg, kv_seg)
-  d_sinks = sinks_gradient(sinks, lse, delta, 1) if st.has_sinks else jnp.zeros_like(sinks)
-  return None, dq, dk, dv, d_sinks, None, None
+def _backward(st, residuals, cotangents):
+  return backward(_dq_call, _dkv_call, st, residuals, cotangents)
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = common.custom_vjp(_forward, _backward)

@@ -19,7 +19,6 @@ Mosaic kernels are not auto-partitioned: inside `shard_map` they run on each sha
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -28,30 +27,41 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels_pallas import common
 from kernels_pallas.block_sparse.common import (
   FULL,
   PARTIAL,
   BlockSizes,
   MaskInfo,
+  Static,
+  backward,
   check_call,
-  sinks_gradient,
+  kernel_operands,
 )
 
 LANES = 128
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  scale: float
-  softcap: float | None
-  has_segments: bool
-  padding_id: int | None
-  has_sinks: bool
-  per_head: bool
-  groups: int
-  block_q: int
-  block_kv: int
-  interpret: object
+def check_block_sizes(block_sizes: BlockSizes, q_len_padded: int, kv_len_padded: int) -> None:
+  """Raises ValueError unless the tiles satisfy Mosaic's (8, 128) block-shape rule.
+
+  `block_q % 32 == 0` (8 for float32 rows, 32 for the int8 mask tiles) and
+  `block_kv % 128 == 0`, or one block spans the whole padded length.
+  """
+  if block_sizes.block_q % 32 and block_sizes.block_q != q_len_padded:
+    raise ValueError(
+      f"block_q={block_sizes.block_q} must be a multiple of 32 on TPU (8 for f32 rows, 32 for "
+      f"the int8 mask tiles) or equal the padded q length {q_len_padded}"
+    )
+  if block_sizes.block_kv % 128 and block_sizes.block_kv != kv_len_padded:
+    raise ValueError(
+      f"block_kv={block_sizes.block_kv} must be a multiple of 128 on TPU or equal the padded kv "
+      f"length {kv_len_padded}"
+    )
+
+
+# The static settings of a call: `common.Static` (shared with the GPU kernels).
+_Static = Static
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +102,7 @@ def _split_refs(st: _Static, refs, n_main: int, with_sinks: bool):
   return main, q_seg, kv_seg, tile, sinks, rest
 
 
-def _fwd_kernel(counts_ref, indices_ref, kinds_ref, pids_ref, *refs, st: _Static):
+def _forward_kernel(counts_ref, indices_ref, kinds_ref, pids_ref, *refs, st: _Static):
   del counts_ref, indices_ref, pids_ref
   (q_ref, k_ref, v_ref), q_seg, kv_seg, tile_ref, sinks_ref, rest = _split_refs(
     st, refs, 3, with_sinks=True
@@ -311,7 +321,7 @@ def _forward_call(st: _Static, info: MaskInfo, q, k, v, q_seg, kv_seg, sinks):
   if _is_concrete(info.counts):
     visited = int(np.asarray(info.counts).sum()) * b * (1 if st.per_head else h)
   return pl.pallas_call(
-    functools.partial(_fwd_kernel, st=st),
+    functools.partial(_forward_kernel, st=st),
     grid_spec=pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=4,
       grid=grid,
@@ -470,7 +480,7 @@ def _cost(tiles, b, h, bq, bkv, d, dv, q, passes):
 
 
 # ---------------------------------------------------------------------------------------------
-# Public wrapper with custom VJP.
+# The public function.
 
 
 def block_sparse_attention(
@@ -504,64 +514,34 @@ def block_sparse_attention(
     (-inf for rows with nothing to attend to, whose output is zero).
   """
   check_call(q, k, v, mask_info)
-  tq, h = q.shape[1:3]
-  tk, hk = k.shape[1:3]
+  q_len = q.shape[1]
   bq, bkv = mask_info.block_q, mask_info.block_kv
-  tq_pad, tk_pad = mask_info.num_q_blocks * bq, mask_info.num_kv_blocks * bkv
   if interpret is False or isinstance(interpret, pltpu.InterpretParams):
-    BlockSizes(bq, bkv).check_tpu(tq_pad, tk_pad)
-  st = _Static(
-    scale=float(scale),
-    softcap=None if softcap is None else float(softcap),
-    has_segments=segment_ids is not None,
-    padding_id=padding_id,
-    has_sinks=sinks is not None,
-    per_head=mask_info.mask_heads > 1,
-    groups=h // hk,
-    block_q=bq,
-    block_kv=bkv,
-    interpret=interpret,
-  )
-  if segment_ids is None:
-    q_seg = kv_seg = None
-  else:
-    q_ids, kv_ids = (jnp.asarray(x, jnp.int32) for x in segment_ids)
-    q_seg = jnp.pad(q_ids, ((0, 0), (0, tq_pad - tq)))[:, :, None]
-    kv_seg = jnp.pad(kv_ids, ((0, 0), (0, tk_pad - tk)))[:, None, :]
-  sinks = jnp.zeros((h,), jnp.float32) if sinks is None else sinks.astype(jnp.float32)
-  q_h = _heads_major(q, tq_pad)
-  k_h, v_h = _heads_major(k, tk_pad), _heads_major(v, tk_pad)
-  info = jax.tree.map(jnp.asarray, mask_info)
-  out, lse = _attention(st, info, q_h, k_h, v_h, sinks, q_seg, kv_seg)
-  return out[:, :, :tq].transpose(0, 2, 1, 3), lse[:, :, :tq, 0].transpose(0, 2, 1)
+    check_block_sizes(
+      BlockSizes(bq, bkv), mask_info.num_q_blocks * bq, mask_info.num_kv_blocks * bkv
+    )
+  st = _Static.of_call(
+    q, k, mask_info, scale=scale, softcap=softcap, segment_ids=segment_ids,
+    padding_id=padding_id, sinks=sinks, interpret=interpret,
+  )  # fmt: skip
+  info, q, k, v, sinks, q_seg, kv_seg = kernel_operands(q, k, v, mask_info, segment_ids, sinks)
+  if st.has_segments:  # query ids as a column, kv ids as a row
+    q_seg, kv_seg = q_seg[:, :, None], kv_seg[:, None, :]
+  out, lse = _attention(st, info, q, k, v, sinks, q_seg, kv_seg)
+  return out[:, :, :q_len].transpose(0, 2, 1, 3), lse[:, :, :q_len, 0].transpose(0, 2, 1)
 
 
-def _heads_major(x, padded_len):
-  """`[b, t, h, d]` -> `[b, h, padded_len, d]`."""
-  x = jnp.pad(x, ((0, 0), (0, padded_len - x.shape[1]), (0, 0), (0, 0)))
-  return x.transpose(0, 2, 1, 3)
+# ---------------------------------------------------------------------------------------------
+# custom_vjp wiring.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(st, info, q, k, v, sinks, q_seg, kv_seg):
-  return _forward_call(st, info, q, k, v, q_seg, kv_seg, sinks)
-
-
-def _attention_fwd(st, info, q, k, v, sinks, q_seg, kv_seg):
+def _forward(st, info, q, k, v, sinks, q_seg, kv_seg):
   out, lse = _forward_call(st, info, q, k, v, q_seg, kv_seg, sinks)
   return (out, lse), (info, q, k, v, sinks, q_seg, kv_seg, out, lse)
 
 
-def _attention_bwd(st, residuals, cotangents):
-  info, q, k, v, sinks, q_seg, kv_seg, out, lse = residuals
-  d_out, d_lse = cotangents
-  d_out = d_out.astype(jnp.float32)
-  # FA-2: dS = P (dP - delta), delta = rowsum(dO * O); an lse cotangent contributes P * dlse.
-  delta = (d_out * out.astype(jnp.float32)).sum(-1, keepdims=True) - d_lse
-  dq = _dq_call(st, info, q, k, v, d_out, lse, delta, q_seg, kv_seg)
-  dk, dv = _dkv_call(st, info, q, k, v, d_out, lse, delta, q_seg, kv_seg)
-  d_sinks = sinks_gradient(sinks, lse, delta, 1) if st.has_sinks else jnp.zeros_like(sinks)
-  return None, dq, dk, dv, d_sinks, None, None
+def _backward(st, residuals, cotangents):
+  return backward(_dq_call, _dkv_call, st, residuals, cotangents)
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = common.custom_vjp(_forward, _backward)

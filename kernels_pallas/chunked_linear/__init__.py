@@ -1,7 +1,9 @@
-"""Chunked linear attention kernels (Lightning Attention-2 tiling): Mosaic TPU (`tpu.py`) and
-Triton GPU (`gpu.py`), one signature; shared argument checks in `common.py`."""
+"""Chunked linear attention kernels (Lightning Attention-2 tiling): `tpu` (Mosaic) and `gpu`
+(Triton), one signature; each has its `BlockSizes`, argument checks are shared (`common.py`).
 
-from kernels_pallas.chunked_linear import gpu
-from kernels_pallas.chunked_linear.tpu import BlockSizes, linear_attention
+Each module's `linear_attention` equals `attnjax.ops.linear.reference.linear_attention`.
+"""
 
-__all__ = ["BlockSizes", "gpu", "linear_attention"]
+from kernels_pallas.chunked_linear import gpu, tpu
+
+__all__ = ["gpu", "tpu"]

@@ -1,4 +1,4 @@
-"""Argument checks shared by the chunked-linear kernels (`tpu.py`, `gpu.py`)."""
+"""Pieces shared by the chunked-linear kernels (`tpu.py`, `gpu.py`): argument checks, GQA sums."""
 
 from __future__ import annotations
 
@@ -35,3 +35,10 @@ def check_shapes(
       f"initial_state must be [batch, heads, key_dim, value_dim] = {state_shape}, "
       f"got {initial_state.shape}"
     )
+
+
+def sum_groups(x: jax.Array, kv_heads: int) -> jax.Array:
+  """`[batch, heads, seq, dim]` per query head -> `[batch, kv_heads, seq, dim]`, summed over each
+  kv head's group of query heads (the gradient of a kv head shared by its GQA group)."""
+  batch, heads, seq, dim = x.shape
+  return x.reshape(batch, kv_heads, heads // kv_heads, seq, dim).sum(axis=2)

@@ -51,19 +51,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels_pallas.chunked_linear.common import check_shapes
-from kernels_pallas.triton import triton_call
-
-MIN_TILE = 16  # smallest tl.dot operand dimension
-
-
-def _is_power_of_two(n: int) -> bool:
-  return n > 0 and n & (n - 1) == 0
-
-
-def power_of_two_tile(n: int) -> int:
-  """The smallest power of two >= max(n, MIN_TILE): a Triton tile that holds n."""
-  return max(MIN_TILE, 1 << (n - 1).bit_length())
+from kernels_pallas import common
+from kernels_pallas.chunked_linear.common import check_shapes, sum_groups
+from kernels_pallas.triton import MIN_DOT, triton_call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +76,9 @@ class BlockSizes:
   def __post_init__(self):
     for name in ("chunk", "block_value"):
       value = getattr(self, name)
-      if not _is_power_of_two(value) or value < MIN_TILE:
-        raise ValueError(f"{name} must be a power of two >= {MIN_TILE}, got {name}={value}")
-    if not _is_power_of_two(self.num_warps) or self.num_warps > 32:
+      if not common.is_power_of_two(value) or value < MIN_DOT:
+        raise ValueError(f"{name} must be a power of two >= {MIN_DOT}, got {name}={value}")
+    if not common.is_power_of_two(self.num_warps) or self.num_warps > 32:
       raise ValueError(f"num_warps must be a power of two in [1, 32], got {self.num_warps}")
     if self.num_stages < 1:
       raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
@@ -96,7 +86,7 @@ class BlockSizes:
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-  """Everything static about one call (hashable: a `custom_vjp` non-differentiable argument)."""
+  """Everything static about one call (hashable: the `custom_vjp`'s non-differentiable argument)."""
 
   chunk: int
   block_value: int
@@ -106,6 +96,10 @@ class _Static:
   interpret: bool
   num_warps: int
   num_stages: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel bodies.
 
 
 def _dot(a, b, *, dtype, transpose_a=False, transpose_b=False):
@@ -261,6 +255,10 @@ def _backward_kernel(
   d_init_ref[...] = jax.lax.fori_loop(0, num_chunks, dkv_step, d_final_ref[...])
 
 
+# ---------------------------------------------------------------------------------------------
+# pallas_call wiring.
+
+
 def _specs(st, seq, key_dim):
   """BlockSpecs over the grid (batch, head, value tile) of the `[b, h, t, d]` operands."""
 
@@ -292,7 +290,8 @@ def _chunk_cumsum(log_decay, chunk):
   return jnp.cumsum(by_chunk, axis=3).reshape(log_decay.shape)
 
 
-def _forward(st, q, k, v, log_decay, initial_state):
+def _forward_call(st, q, k, v, log_decay, initial_state):
+  """(out `[b, h, t, value_dim]`, final state `[b, h, key_dim, value_dim]`), float32."""
   batch, heads, seq, key_dim = q.shape
   value_dim = v.shape[3]
   specs = _specs(st, seq, key_dim)
@@ -308,25 +307,15 @@ def _forward(st, q, k, v, log_decay, initial_state):
   )(q, k, v, _chunk_cumsum(log_decay, st.chunk), initial_state)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked(st, q, k, v, log_decay, initial_state):
-  return _forward(st, q, k, v, log_decay, initial_state)
-
-
-def _chunked_fwd(st, q, k, v, log_decay, initial_state):
-  out, final_state = _forward(st, q, k, v, log_decay, initial_state)
-  return (out, final_state), (q, k, v, log_decay, initial_state, final_state)
-
-
-def _chunked_bwd(st, residuals, cotangents):
-  q, k, v, log_decay, initial_state, final_state = residuals
-  d_out, d_final = cotangents
+def _backward_call(st, q, k, v, log_decay, initial_state, d_out, d_final):
+  """(dq, dk per value tile `[b, h, value_tiles, t, key_dim]`, dv per query head `[b, h, t,
+  value_dim]`, d initial_state), float32."""
   batch, heads, seq, key_dim = q.shape
   value_dim = v.shape[3]
   value_tiles = value_dim // st.block_value
   specs = _specs(st, seq, key_dim)
   per_tile = jax.ShapeDtypeStruct((batch, heads, value_tiles, seq, key_dim), jnp.float32)
-  dq_tiles, dk_tiles, dv, d_init = triton_call(
+  return triton_call(
     st,
     _backward_kernel,
     (batch, heads, value_tiles),
@@ -336,34 +325,11 @@ def _chunked_bwd(st, residuals, cotangents):
     [per_tile, per_tile, jax.ShapeDtypeStruct((batch, heads, seq, value_dim), jnp.float32),
      jax.ShapeDtypeStruct(initial_state.shape, jnp.float32)],
     "chunked_linear_bwd_gpu",
-  )(
-    q, k, v, _chunk_cumsum(log_decay, st.chunk), initial_state, d_out.astype(jnp.float32),
-    d_final.astype(jnp.float32),
-  )  # fmt: skip
-  dq, dk = dq_tiles.sum(axis=2), dk_tiles.sum(axis=2)  # dk per query head
-  # dB_t = q_t dq_t - k_t dk_t (+ <dS_T, S_T> on the last token); d log_decay_s = sum_{t>=s} dB_t.
-  k_per_head = jnp.repeat(k, st.groups, axis=1).astype(jnp.float32)
-  d_cumulative = q.astype(jnp.float32) * dq - k_per_head * dk
-  through_final = jnp.sum(d_final.astype(jnp.float32) * final_state, axis=3)
-  d_cumulative = d_cumulative.at[:, :, seq - 1].add(through_final)
-  if not st.vector:
-    d_cumulative = jnp.sum(d_cumulative, axis=3)
-  d_log_decay = jax.lax.cumsum(d_cumulative, axis=2, reverse=True)
-  kv_heads = k.shape[1]
-
-  def per_kv_head(x):
-    return x.reshape(batch, kv_heads, st.groups, seq, x.shape[-1]).sum(axis=2)
-
-  return (
-    dq.astype(q.dtype),
-    per_kv_head(dk).astype(k.dtype),
-    per_kv_head(dv).astype(v.dtype),
-    d_log_decay,
-    d_init,
-  )
+  )(q, k, v, _chunk_cumsum(log_decay, st.chunk), initial_state, d_out, d_final)  # fmt: skip
 
 
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+# ---------------------------------------------------------------------------------------------
+# The public function.
 
 
 def linear_attention(
@@ -402,7 +368,8 @@ def linear_attention(
   kv_heads, value_dim = k.shape[2], v.shape[3]
   chunk = block_sizes.chunk
   seq_pad = -(-seq // chunk) * chunk
-  key_pad, value_pad = power_of_two_tile(key_dim), power_of_two_tile(value_dim)
+  key_pad = common.next_power_of_two(key_dim, at_least=MIN_DOT)
+  value_pad = common.next_power_of_two(value_dim, at_least=MIN_DOT)
   vector = log_decay.shape[3] > 1
   st = _Static(
     chunk=chunk,
@@ -433,3 +400,41 @@ def linear_attention(
   if not causal:
     return jnp.einsum("bthf,bhfv->bthv", q.astype(jnp.float32), final_state), final_state
   return out.transpose(0, 2, 1, 3)[:, :seq, :, :value_dim], final_state
+
+
+# ---------------------------------------------------------------------------------------------
+# custom_vjp wiring.
+
+
+def _forward(st, q, k, v, log_decay, initial_state):
+  out, final_state = _forward_call(st, q, k, v, log_decay, initial_state)
+  return (out, final_state), (q, k, v, log_decay, initial_state, final_state)
+
+
+def _backward(st, residuals, cotangents):
+  q, k, v, log_decay, initial_state, final_state = residuals
+  d_out, d_final = cotangents
+  d_final = d_final.astype(jnp.float32)
+  dq_tiles, dk_tiles, dv, d_init = _backward_call(
+    st, q, k, v, log_decay, initial_state, d_out.astype(jnp.float32), d_final
+  )
+  dq, dk = dq_tiles.sum(axis=2), dk_tiles.sum(axis=2)  # dk per query head
+  # dB_t = q_t dq_t - k_t dk_t (+ <dS_T, S_T> on the last token); d log_decay_s = sum_{t>=s} dB_t.
+  k_per_head = jnp.repeat(k, st.groups, axis=1).astype(jnp.float32)
+  d_cumulative = q.astype(jnp.float32) * dq - k_per_head * dk
+  through_final = jnp.sum(d_final * final_state, axis=3)
+  d_cumulative = d_cumulative.at[:, :, q.shape[2] - 1].add(through_final)
+  if not st.vector:
+    d_cumulative = jnp.sum(d_cumulative, axis=3)
+  d_log_decay = jax.lax.cumsum(d_cumulative, axis=2, reverse=True)
+  kv_heads = k.shape[1]
+  return (
+    dq.astype(q.dtype),
+    sum_groups(dk, kv_heads).astype(k.dtype),
+    sum_groups(dv, kv_heads).astype(v.dtype),
+    d_log_decay,
+    d_init,
+  )
+
+
+_chunked = common.custom_vjp(_forward, _backward)

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.chunked_linear.common import check_shapes
+from kernels_pallas import common
+from kernels_pallas.chunked_linear.common import check_shapes, sum_groups
 
 CHUNK_MULTIPLE = 16  # chunk granularity that tiles both float32 (8) and bfloat16 (16) sublanes
 
@@ -48,6 +49,19 @@ class BlockSizes:
   def __post_init__(self):
     if self.chunk < CHUNK_MULTIPLE or self.chunk % CHUNK_MULTIPLE:
       raise ValueError(f"chunk must be a positive multiple of {CHUNK_MULTIPLE}, got {self.chunk}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything static about one call (hashable: the `custom_vjp`'s non-differentiable argument)."""
+
+  chunk: int
+  vector: bool  # one log decay per key channel (else one per token and head)
+  interpret: bool | pltpu.InterpretParams
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel bodies.
 
 
 def _dot(a, b, *, transpose_a=False, transpose_b=False):
@@ -78,9 +92,9 @@ def _row_decays(g_ref, i, g):
   return decay, jax.lax.broadcasted_iota(jnp.int32, (g.shape[0], 1), 0) <= i
 
 
-def _forward_kernel(*refs, vector):
+def _forward_kernel(*refs, st):
   q_ref, k_ref, v_ref, g_ref, init_ref, g_last_ref, *rest = refs
-  g_row_ref = None if vector else rest.pop(0)  # G as rows, for the scalar decay matrix
+  g_row_ref = None if st.vector else rest.pop(0)  # G as rows, for the scalar decay matrix
   out_ref, states_ref, final_ref, state = rest
   chunk_index = pl.program_id(2)
 
@@ -96,7 +110,7 @@ def _forward_kernel(*refs, vector):
   state_before = state[...]
   states_ref[...] = state_before
   inter = _dot(q * decay_q, state_before)
-  if vector:
+  if st.vector:
     # Per-channel decay makes each score a sum over channels of differently decayed
     # products, so scores are built one query row at a time: [C, f] tiles, no [C, C, f].
     out_ref[...] = inter
@@ -118,9 +132,9 @@ def _forward_kernel(*refs, vector):
     final_ref[...] = state[...]
 
 
-def _backward_kernel(*refs, vector):
+def _backward_kernel(*refs, st):
   q_ref, k_ref, v_ref, g_ref, states_ref, d_out_ref, d_final_ref, g_last_ref, *rest = refs
-  g_row_ref = None if vector else rest.pop(0)
+  g_row_ref = None if st.vector else rest.pop(0)
   dq_ref, dk_ref, dv_ref, dg_ref, d_init_ref, d_state = rest
   step = pl.program_id(2)  # chunks are visited last to first
 
@@ -140,7 +154,7 @@ def _backward_kernel(*refs, vector):
   dq = _dot(d_out, state_before, transpose_b=True) * decay_q
   dk = _dot(v, d_state_after, transpose_b=True) * decay_k
   dv = _dot(k_to_end, d_state_after)
-  if vector:
+  if st.vector:
     dq_ref[...] = dq
 
     def add_row(i, carry):
@@ -170,12 +184,16 @@ def _backward_kernel(*refs, vector):
   through_state = _dot(ones, d_state_after * state_after, transpose_b=True)
   is_last = jax.lax.broadcasted_iota(jnp.int32, (g.shape[0], 1), 0) == g.shape[0] - 1
   d_g = q * dq - k * dk + jnp.where(is_last, through_state, 0.0)
-  dg_ref[...] = d_g if vector else jnp.sum(d_g, axis=1, keepdims=True)
+  dg_ref[...] = d_g if st.vector else jnp.sum(d_g, axis=1, keepdims=True)
   d_state[...] = decay_state * d_state_after + _dot(q * decay_q, d_out, transpose_a=True)
 
   @pl.when(step == pl.num_programs(2) - 1)
   def _():
     d_init_ref[...] = d_state[...]
+
+
+# ---------------------------------------------------------------------------------------------
+# pallas_call wiring.
 
 
 def _specs(q, k, v, g, chunk, *, reverse):
@@ -216,100 +234,80 @@ def _decay_operands(g, chunk):
   return (g_last,) if decay_dim > 1 else (g_last, by_chunk.transpose(0, 1, 2, 4, 3))
 
 
-def _pallas_call(kernel, *, vector, grid, in_specs, out_specs, out_shape, scratch, interpret, name):
+def _tpu_call(st, kernel, *, grid, in_specs, out_specs, out_shape, scratch, name):
   return pl.pallas_call(
-    functools.partial(kernel, vector=vector),
+    functools.partial(kernel, st=st),
     grid=grid,
     in_specs=in_specs,
     out_specs=out_specs,
     out_shape=out_shape,
     scratch_shapes=[pltpu.VMEM(scratch, jnp.float32)],
     compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-    interpret=interpret,
+    interpret=st.interpret,
     name=name,
   )
 
 
-def _forward(q, k, v, g, initial_state, chunk, interpret):
-  """`[b, h, t, d]` operands, `g` the chunk-local cumulative log decay `[b, h, t, 1 | f]`."""
+def _forward_call(st, q, k, v, g, initial_state):
+  """`[b, h, t, d]` operands, `g` the chunk-local cumulative log decay `[b, h, t, 1 | f]`.
+
+  Returns (out, the state before every chunk `[b, h, n, key_dim, value_dim]`, final state).
+  """
   batch, heads, seq, key_dim = q.shape
   value_dim = v.shape[3]
-  vector = g.shape[3] > 1
-  specs = _specs(q, k, v, g, chunk, reverse=False)
-  decay_specs = [specs["g_last"]] if vector else [specs["g_last"], specs["g_row"]]
-  return _pallas_call(
+  specs = _specs(q, k, v, g, st.chunk, reverse=False)
+  decay_specs = [specs["g_last"]] if st.vector else [specs["g_last"], specs["g_row"]]
+  return _tpu_call(
+    st,
     _forward_kernel,
-    vector=vector,
-    grid=(batch, heads, seq // chunk),
+    grid=(batch, heads, seq // st.chunk),
     in_specs=[specs["q"], specs["k"], specs["v"], specs["g"], specs["state"], *decay_specs],
     out_specs=[specs["v_sized"], specs["states"], specs["state"]],
     out_shape=[
       jax.ShapeDtypeStruct((batch, heads, seq, value_dim), jnp.float32),
-      jax.ShapeDtypeStruct((batch, heads, seq // chunk, key_dim, value_dim), jnp.float32),
+      jax.ShapeDtypeStruct((batch, heads, seq // st.chunk, key_dim, value_dim), jnp.float32),
       jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32),
     ],
     scratch=(key_dim, value_dim),
-    interpret=interpret,
     name="chunked_linear_fwd",
-  )(q, k, v, g, initial_state, *_decay_operands(g, chunk))
+  )(q, k, v, g, initial_state, *_decay_operands(g, st.chunk))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _chunked(q, k, v, g, initial_state, chunk, interpret):
-  out, _, final_state = _forward(q, k, v, g, initial_state, chunk, interpret)
-  return out, final_state
-
-
-def _chunked_fwd(q, k, v, g, initial_state, chunk, interpret):
-  out, states, final_state = _forward(q, k, v, g, initial_state, chunk, interpret)
-  return (out, final_state), (q, k, v, g, initial_state, states)
-
-
-def _chunked_bwd(chunk, interpret, residuals, cotangents):
-  q, k, v, g, initial_state, states = residuals
-  d_out, d_final = cotangents
+def _backward_call(st, q, k, v, g, states, d_out, d_final):
+  """(dq, dk per query head, dv per query head, dg, d initial_state), all float32."""
   batch, heads, seq, key_dim = q.shape
-  kv_heads, value_dim = k.shape[1], v.shape[3]
-  vector = g.shape[3] > 1
-  specs = _specs(q, k, v, g, chunk, reverse=True)
-  decay_specs = [specs["g_last"]] if vector else [specs["g_last"], specs["g_row"]]
-  dq, dk, dv, dg, d_init = _pallas_call(
+  value_dim = v.shape[3]
+  specs = _specs(q, k, v, g, st.chunk, reverse=True)
+  decay_specs = [specs["g_last"]] if st.vector else [specs["g_last"], specs["g_row"]]
+  return _tpu_call(
+    st,
     _backward_kernel,
-    vector=vector,
-    grid=(batch, heads, seq // chunk),
+    grid=(batch, heads, seq // st.chunk),
     in_specs=[
-      specs["q"], specs["k"], specs["v"], specs["g"], specs["states"], specs["v_sized"],
-      specs["state"], *decay_specs,
+      specs["q"],
+      specs["k"],
+      specs["v"],
+      specs["g"],
+      specs["states"],
+      specs["v_sized"],
+      specs["state"],
+      *decay_specs,
     ],  # fmt: skip
     out_specs=[specs["q"], specs["q"], specs["v_sized"], specs["g"], specs["state"]],
     out_shape=[
       jax.ShapeDtypeStruct(q.shape, jnp.float32),
-      jax.ShapeDtypeStruct(q.shape, jnp.float32),  # dk per query head, summed over groups below
+      jax.ShapeDtypeStruct(q.shape, jnp.float32),
       jax.ShapeDtypeStruct((batch, heads, seq, value_dim), jnp.float32),
       jax.ShapeDtypeStruct(g.shape, jnp.float32),
-      jax.ShapeDtypeStruct(initial_state.shape, jnp.float32),
+      jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32),
     ],
     scratch=(key_dim, value_dim),
-    interpret=interpret,
     name="chunked_linear_bwd",
-  )(
-    q, k, v, g, states, d_out.astype(jnp.float32), d_final.astype(jnp.float32),
-    *_decay_operands(g, chunk),
-  )  # fmt: skip
-
-  def per_kv_head(x):
-    return x.reshape(batch, kv_heads, heads // kv_heads, seq, x.shape[-1]).sum(axis=2)
-
-  return (
-    dq.astype(q.dtype),
-    per_kv_head(dk).astype(k.dtype),
-    per_kv_head(dv).astype(v.dtype),
-    dg,
-    d_init.astype(initial_state.dtype),
-  )
+  )(q, k, v, g, states, d_out, d_final, *_decay_operands(g, st.chunk))
 
 
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+# ---------------------------------------------------------------------------------------------
+# The public function.
 
 
 def linear_attention(
@@ -358,15 +356,43 @@ def linear_attention(
   g = jnp.pad(log_decay.astype(jnp.float32), pad)
   g = jnp.cumsum(g.reshape(batch, padded // chunk, chunk, heads, -1), axis=2)
   g = g.reshape(batch, padded, heads, -1).transpose(0, 2, 1, 3)
+  st = _Static(chunk=chunk, vector=vector, interpret=interpret)
   out, final_state = _chunked(
+    st,
     to_kernel_layout(q),
     to_kernel_layout(k),
     to_kernel_layout(v),
     g,
     initial_state.astype(jnp.float32),
-    chunk,
-    interpret,
   )
   if not causal:
     return jnp.einsum("bthf,bhfv->bthv", q.astype(jnp.float32), final_state), final_state
   return out.transpose(0, 2, 1, 3)[:, :seq], final_state
+
+
+# ---------------------------------------------------------------------------------------------
+# custom_vjp wiring.
+
+
+def _forward(st, q, k, v, g, initial_state):
+  out, states, final_state = _forward_call(st, q, k, v, g, initial_state)
+  return (out, final_state), (q, k, v, g, initial_state, states)
+
+
+def _backward(st, residuals, cotangents):
+  q, k, v, g, initial_state, states = residuals
+  d_out, d_final = cotangents
+  dq, dk, dv, dg, d_init = _backward_call(
+    st, q, k, v, g, states, d_out.astype(jnp.float32), d_final.astype(jnp.float32)
+  )
+  kv_heads = k.shape[1]
+  return (
+    dq.astype(q.dtype),
+    sum_groups(dk, kv_heads).astype(k.dtype),
+    sum_groups(dv, kv_heads).astype(v.dtype),
+    dg,
+    d_init.astype(initial_state.dtype),
+  )
+
+
+_chunked = common.custom_vjp(_forward, _backward)

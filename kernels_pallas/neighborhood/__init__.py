@@ -1,10 +1,11 @@
 """Fused Pallas kernels of local (neighborhood) attention over a static tile schedule.
 
-Mosaic TPU (`tpu.py`) and Triton GPU (`gpu.py`), same signature and function; the schedule and
-argument checks they share live in `common.py`.
+`tpu` (Mosaic) and `gpu` (Triton), same signature and function: each module's
+`tile_sparse_attention` equals `attnjax.ops.neighborhood.reference.attention` on the windows
+its `TileSchedule` encodes; the schedule and argument checks are shared (`common.py`).
 """
 
+from kernels_pallas.neighborhood import gpu, tpu
 from kernels_pallas.neighborhood.common import TileSchedule
-from kernels_pallas.neighborhood.tpu import tile_sparse_attention
 
-__all__ = ["TileSchedule", "tile_sparse_attention"]
+__all__ = ["TileSchedule", "gpu", "tpu"]

@@ -1,4 +1,5 @@
-"""Pieces shared by the neighborhood kernels: the static tile schedule and the argument checks.
+"""Pieces shared by the neighborhood kernels: the static tile schedule, the argument checks and
+the dot dimension numbers.
 
 The schedule is computed by `attnjax.ops.neighborhood.window.tile_plan` (the window geometry
 lives there, shared with the XLA path); the kernels only walk it.
@@ -10,6 +11,11 @@ import dataclasses
 
 import jax
 import numpy as np
+
+# dot_general dimension numbers of 2-D tiles.
+NT = (((1,), (1,)), ((), ()))  # a @ b.T
+NN = (((1,), (0,)), ((), ()))  # a @ b
+TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static kernel argument

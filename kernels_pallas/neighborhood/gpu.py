@@ -11,7 +11,7 @@ Why Triton rather than Mosaic GPU: each program walks a data-dependent number of
 scalar-loaded offsets, which Triton lowers to a plain loop over pointer offsets on every GPU
 that JAX supports; Mosaic GPU (Hopper+) would need a hand-written warp-specialized pipeline
 around those dynamic offsets. Triton wants power-of-two blocks: `T` must be a power of two
-(`TileSizes` gives power-of-two spatial tiles; positions past the map are masked by the
+(`BlockSizes` gives power-of-two spatial tiles; positions past the map are masked by the
 schedule), and head dims are zero-padded to a power of two >= 16 (zeros change neither the
 logits nor the kept output columns).
 
@@ -27,7 +27,6 @@ tolerances, bfloat16 inputs use bf16 tensor-core dots.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -35,144 +34,71 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.neighborhood.common import TileSchedule, check_call
-from kernels_pallas.triton import triton_call
-
-MIN_ROWS = 16  # tl.dot's smallest M, N and K on hardware
-
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-
-
-def _is_pow2(n) -> bool:
-  return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and n & (n - 1) == 0
-
-
-def _pow2(n: int) -> int:
-  """Smallest power of two >= n."""
-  return 1 << max(0, (n - 1).bit_length())
+from kernels_pallas import common
+from kernels_pallas.neighborhood.common import NN, NT, TN, TileSchedule, check_call
+from kernels_pallas.triton import MIN_DOT, triton_call, whole
 
 
 @dataclasses.dataclass(frozen=True)
-class TileSizes:
+class BlockSizes:
   """Spatial tile shape of the GPU kernel: one power of two per spatial axis.
 
-  A tile holds `T = prod(tile)` query (and key) rows; on hardware `T >= MIN_ROWS`.
+  A tile holds `T = prod(tile)` query (and key) rows; on hardware `T >= MIN_DOT`.
   """
 
   tile: tuple[int, ...]
 
   def __post_init__(self):
-    if not isinstance(self.tile, tuple) or not self.tile or not all(map(_is_pow2, self.tile)):
+    if (
+      not isinstance(self.tile, tuple)
+      or not self.tile
+      or not all(map(common.is_power_of_two, self.tile))
+    ):
       raise ValueError(
-        f"TileSizes.tile must be a non-empty tuple of powers of two (one per spatial axis), "
+        f"BlockSizes.tile must be a non-empty tuple of powers of two (one per spatial axis), "
         f"got tile={self.tile!r}"
       )
 
   @classmethod
-  def covering(cls, tile: tuple[int, ...]) -> TileSizes:
+  def covering(cls, tile: tuple[int, ...]) -> BlockSizes:
     """The power-of-two tile that rounds every edge of `tile` up."""
-    return cls(tuple(_pow2(t) for t in tile))
+    return cls(tuple(common.next_power_of_two(t) for t in tile))
 
   def fit(self, extents: tuple[int, ...]) -> tuple[int, ...]:
     """Tile for a spatial grid of `extents`, still powers of two.
 
     Each edge is clipped to its axis rounded up to a power of two; then the last edge doubles
-    until a tile has `MIN_ROWS` rows (positions past the grid are masked padding).
+    until a tile has `MIN_DOT` rows (positions past the grid are masked padding).
     """
     if len(extents) != len(self.tile):
       raise ValueError(
-        f"TileSizes.tile needs one size per spatial axis {tuple(extents)}, got tile={self.tile}"
+        f"BlockSizes.tile needs one size per spatial axis {tuple(extents)}, got tile={self.tile}"
       )
-    tile = [min(t, _pow2(n)) for t, n in zip(self.tile, extents, strict=True)]
-    while math.prod(tile) < MIN_ROWS:
+    tile = [min(t, common.next_power_of_two(n)) for t, n in zip(self.tile, extents, strict=True)]
+    while math.prod(tile) < MIN_DOT:
       tile[-1] *= 2
     return tuple(tile)
 
 
-def tile_sparse_attention(
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
-  schedule: TileSchedule,
-  *,
-  scale: float,
-  interpret: bool = False,
-  num_warps: int = 4,
-  num_stages: int = 2,
-) -> jax.Array:
-  """Softmax attention of each query tile over its scheduled key tiles (Triton kernels).
-
-  Args:
-    q: `[batch, heads, N, head_dim]`, N = `schedule.num_tiles * schedule.tile_size`.
-    k: `[batch, kv_heads, N, head_dim]`; `heads % kv_heads == 0`.
-    v: `[batch, kv_heads, N, value_dim]`.
-    schedule: the static tile lists (see `TileSchedule`); `tile_size` a power of two, at least
-      `MIN_ROWS` unless interpreting.
-    scale: logit scale.
-    interpret: run in the Pallas interpreter (any backend).
-    num_warps: warps per program.
-    num_stages: software-pipelining depth of the loop over tiles.
-
-  Returns:
-    `[batch, heads, N, value_dim]` in q's dtype; a row with no allowed key is zero.
-  """
-  check_call(q, k, v, schedule)
-  rows = schedule.tile_size
-  smallest = 1 if interpret else MIN_ROWS
-  if not _is_pow2(rows) or rows < smallest:
-    raise ValueError(
-      f"schedule.tile_size (rows per tile) must be a power of two >= {smallest} for the Triton "
-      f"kernel, got {rows}"
-    )
-  st = _Static(
-    scale=float(scale),
-    groups=q.shape[1] // k.shape[1],
-    rows=rows,
-    interpret=bool(interpret),
-    num_warps=num_warps,
-    num_stages=num_stages,
-  )
-  value_dim = v.shape[3]
-  q, k, v = (_pad_last(x, _pow2(max(x.shape[3], MIN_ROWS))) for x in (q, k, v))
-  out = _attention(st, schedule, q, k, v)
-  return out[..., :value_dim]
-
-
-def _pad_last(x: jax.Array, size: int) -> jax.Array:
-  return jnp.pad(x, ((0, 0),) * 3 + ((0, size - x.shape[3]),))
-
-
 @dataclasses.dataclass(frozen=True)
 class _Static:
+  """Everything static about one call (hashable: the `custom_vjp`'s non-differentiable argument)."""
+
+  schedule: TileSchedule  # hashed by identity
   scale: float
-  groups: int
-  rows: int
+  groups: int  # query heads per kv head
   interpret: bool
   num_warps: int
   num_stages: int
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(st, schedule, q, k, v):
-  return _forward(st, schedule, q, k, v)[0]
-
-
-def _attention_fwd(st, schedule, q, k, v):
-  out, lse = _forward(st, schedule, q, k, v)
-  return out, (q, k, v, out, lse)
+  @property
+  def rows(self) -> int:
+    """`T`, rows per tile."""
+    return self.schedule.tile_size
 
 
-def _attention_bwd(st, schedule, residuals, d_out):
-  q, k, v, out, lse = residuals
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
-  d_q = _backward_dq(st, schedule, q, k, v, d_out, lse, delta)
-  d_k, d_v = _backward_dkv(st, schedule, q, k, v, d_out, lse, delta)
-  return d_q, d_k, d_v
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+# ---------------------------------------------------------------------------------------------
+# Kernel bodies.
 
 
 def _dot(a, b, dims):
@@ -189,10 +115,10 @@ def _tile_rows(st, tile_index):
 
 def _probs_and_dlogits(st, q, k, v, d_out, allowed, lse, delta):
   """Recomputed probabilities and logit gradients (times scale), both `[Tq, Tk]` float32."""
-  logits = _dot(q, k, _NT) * st.scale
+  logits = _dot(q, k, NT) * st.scale
   safe_lse = jnp.where(lse == -jnp.inf, 0.0, lse)
   probs = jnp.where(allowed, jnp.exp(logits - safe_lse[:, None]), 0.0)
-  d_probs = _dot(d_out, v, _NT)
+  d_probs = _dot(d_out, v, NT)
   return probs, probs * (d_probs - delta[:, None]) * st.scale
 
 
@@ -207,13 +133,13 @@ def _forward_kernel(
     acc, row_max, row_sum = carry
     kv_rows = _tile_rows(st, kv_tiles_ref[i, s])
     allowed = masks_ref[mask_ids_ref[i, s]] != 0
-    logits = jnp.where(allowed, _dot(q, k_ref[kv_rows, :], _NT) * st.scale, -jnp.inf)
+    logits = jnp.where(allowed, _dot(q, k_ref[kv_rows, :], NT) * st.scale, -jnp.inf)
     new_max = jnp.maximum(row_max, logits.max(axis=1))
     shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
     probs = jnp.exp(logits - shift[:, None])
     correction = jnp.exp(row_max - shift)
     v = v_ref[kv_rows, :]
-    acc = acc * correction[:, None] + _dot(probs.astype(v.dtype), v, _NN)
+    acc = acc * correction[:, None] + _dot(probs.astype(v.dtype), v, NN)
     return acc, new_max, row_sum * correction + probs.sum(axis=1)
 
   init = (
@@ -240,7 +166,7 @@ def _dq_kernel(
     allowed = masks_ref[mask_ids_ref[i, s]] != 0
     k = k_ref[kv_rows, :]
     _, d_logits = _probs_and_dlogits(st, q, k, v_ref[kv_rows, :], d_out, allowed, lse, delta)
-    return dq + _dot(d_logits.astype(k.dtype), k, _NN)
+    return dq + _dot(d_logits.astype(k.dtype), k, NN)
 
   dq = lax.fori_loop(0, kv_counts_ref[i], step, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -262,8 +188,8 @@ def _dkv_kernel(
       probs, d_logits = _probs_and_dlogits(
         st, q, k, v, d_out, allowed, lse_ref[g, q_rows], delta_ref[g, q_rows]
       )
-      dv = dv + _dot(probs.astype(d_out.dtype), d_out, _TN)
-      dk = dk + _dot(d_logits.astype(q.dtype), q, _TN)
+      dv = dv + _dot(probs.astype(d_out.dtype), d_out, TN)
+      dk = dk + _dot(d_logits.astype(q.dtype), q, TN)
       return dk, dv
 
     return lax.fori_loop(0, q_counts_ref[j], step, carry)
@@ -274,8 +200,8 @@ def _dkv_kernel(
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _whole(shape):
-  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+# ---------------------------------------------------------------------------------------------
+# pallas_call wiring.
 
 
 def _tables(schedule: TileSchedule, transposed: bool):
@@ -285,7 +211,7 @@ def _tables(schedule: TileSchedule, transposed: bool):
   else:
     lists = (schedule.kv_tiles, schedule.kv_counts, schedule.mask_ids)
   tables = [*(jnp.asarray(x, jnp.int32) for x in lists), jnp.asarray(schedule.mask_table, jnp.int8)]
-  return tables, [_whole(t.shape) for t in tables]
+  return tables, [whole(t.shape) for t in tables]
 
 
 def _query_tile(st, width=None):
@@ -301,14 +227,14 @@ def _kv_of_head(st, n, width):
   )
 
 
-def _forward(st, schedule, q, k, v):
+def _forward_call(st, q, k, v):
   batch, heads, n, head_dim = q.shape
   value_dim = v.shape[3]
-  tables, table_specs = _tables(schedule, transposed=False)
+  tables, table_specs = _tables(st.schedule, transposed=False)
   return triton_call(
     st,
     _forward_kernel,
-    (batch, heads, schedule.num_tiles),
+    (batch, heads, st.schedule.num_tiles),
     [
       *table_specs,
       _query_tile(st, head_dim),
@@ -324,10 +250,10 @@ def _forward(st, schedule, q, k, v):
   )(*tables, q, k, v)
 
 
-def _backward_dq(st, schedule, q, k, v, d_out, lse, delta):
+def _dq_call(st, q, k, v, d_out, lse, delta):
   batch, heads, n, head_dim = q.shape
   value_dim = v.shape[3]
-  tables, table_specs = _tables(schedule, transposed=False)
+  tables, table_specs = _tables(st.schedule, transposed=False)
   in_specs = [
     *table_specs,
     _query_tile(st, head_dim),
@@ -340,7 +266,7 @@ def _backward_dq(st, schedule, q, k, v, d_out, lse, delta):
   return triton_call(
     st,
     _dq_kernel,
-    (batch, heads, schedule.num_tiles),
+    (batch, heads, st.schedule.num_tiles),
     in_specs,
     _query_tile(st, head_dim),
     jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -348,10 +274,10 @@ def _backward_dq(st, schedule, q, k, v, d_out, lse, delta):
   )(*tables, q, k, v, d_out, lse, delta)
 
 
-def _backward_dkv(st, schedule, q, k, v, d_out, lse, delta):
+def _dkv_call(st, q, k, v, d_out, lse, delta):
   batch, kv_heads, n, head_dim = k.shape
   value_dim = v.shape[3]
-  tables, table_specs = _tables(schedule, transposed=True)
+  tables, table_specs = _tables(st.schedule, transposed=True)
 
   def group_rows(width=None):
     """All `N` rows of the `groups` query heads that share kv head `h`."""
@@ -373,9 +299,76 @@ def _backward_dkv(st, schedule, q, k, v, d_out, lse, delta):
   return triton_call(
     st,
     _dkv_kernel,
-    (batch, kv_heads, schedule.num_tiles),
+    (batch, kv_heads, st.schedule.num_tiles),
     in_specs,
     [key_tile(head_dim), key_tile(value_dim)],
     [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
     "neighborhood_dkv_gpu",
   )(*tables, q, k, v, d_out, lse, delta)
+
+
+# ---------------------------------------------------------------------------------------------
+# The public function.
+
+
+def tile_sparse_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  schedule: TileSchedule,
+  *,
+  scale: float,
+  interpret: bool = False,
+  num_warps: int = 4,
+  num_stages: int = 2,
+) -> jax.Array:
+  """`tpu.tile_sparse_attention` by Triton kernels; same arguments, shapes and result.
+
+  `schedule.tile_size` must be a power of two, at least `MIN_DOT` unless interpreting;
+  `interpret` runs the Pallas interpreter (any backend); `num_warps` are the warps per program
+  and `num_stages` the software-pipelining depth of the loop over tiles.
+  """
+  check_call(q, k, v, schedule)
+  rows = schedule.tile_size
+  smallest = 1 if interpret else MIN_DOT
+  if not common.is_power_of_two(rows) or rows < smallest:
+    raise ValueError(
+      f"schedule.tile_size (rows per tile) must be a power of two >= {smallest} for the Triton "
+      f"kernel, got {rows}"
+    )
+  st = _Static(
+    schedule=schedule,
+    scale=float(scale),
+    groups=q.shape[1] // k.shape[1],
+    interpret=bool(interpret),
+    num_warps=num_warps,
+    num_stages=num_stages,
+  )
+  value_dim = v.shape[3]
+  q, k, v = (_pad_last(x, common.next_power_of_two(x.shape[3], MIN_DOT)) for x in (q, k, v))
+  out = _attention(st, q, k, v)
+  return out[..., :value_dim]
+
+
+def _pad_last(x: jax.Array, size: int) -> jax.Array:
+  return jnp.pad(x, ((0, 0),) * 3 + ((0, size - x.shape[3]),))
+
+
+# ---------------------------------------------------------------------------------------------
+# custom_vjp wiring.
+
+
+def _forward(st, q, k, v):
+  out, lse = _forward_call(st, q, k, v)
+  return out, (q, k, v, out, lse)
+
+
+def _backward(st, residuals, d_out):
+  q, k, v, out, lse = residuals
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
+  d_q = _dq_call(st, q, k, v, d_out, lse, delta)
+  d_k, d_v = _dkv_call(st, q, k, v, d_out, lse, delta)
+  return d_q, d_k, d_v
+
+
+_attention = common.custom_vjp(_forward, _backward)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 
 from attnjax import registry
+from kernels_pallas import common, triton
 from kernels_pallas.chunked_linear import gpu, tpu
 
 
@@ -29,16 +30,21 @@ def linear_attention(
 ) -> tuple[jax.Array, jax.Array]:
   """Same arguments and function as `reference.linear_attention`, plus `interpret` and
   `kernel` ("tpu" or "gpu"; defaults to the backend's, or "tpu" when interpreting)."""
-  kernel = kernel or ("tpu" if interpret else _backend_kernel())
+  kernel = common.select_kernel(kernel, interpret=interpret)
+  if kernel is None:
+    raise registry.Unsupported(
+      f"the chunked-linear Pallas kernels target TPU and GPU; backend is "
+      f"{jax.default_backend()!r} (impl='pallas_interpret' runs the TPU kernel in the "
+      "interpreter, or use impl='xla')"
+    )
   if kernel == "gpu":
     # Triton tiles are powers of two (>= 16): round the chunk up (the function does not change).
-    module, block_sizes = gpu, gpu.BlockSizes(chunk=gpu.power_of_two_tile(chunk_size))
-  elif kernel == "tpu":
+    chunk = common.next_power_of_two(chunk_size, at_least=triton.MIN_DOT)
+    module, block_sizes = gpu, gpu.BlockSizes(chunk=chunk)
+  else:
     # The TPU kernel tiles whole sublanes: round the chunk up to a multiple of them.
     chunk = -(-chunk_size // tpu.CHUNK_MULTIPLE) * tpu.CHUNK_MULTIPLE
     module, block_sizes = tpu, tpu.BlockSizes(chunk=chunk)
-  else:
-    raise ValueError(f"kernel must be None, 'tpu' or 'gpu', got kernel={kernel!r}")
   return module.linear_attention(
     q,
     k,
@@ -48,16 +54,4 @@ def linear_attention(
     causal=causal,
     block_sizes=block_sizes,
     interpret=interpret,
-  )
-
-
-def _backend_kernel() -> str:
-  backend = jax.default_backend()
-  if backend == "tpu":
-    return "tpu"
-  if backend in ("gpu", "cuda", "rocm"):
-    return "gpu"
-  raise registry.Unsupported(
-    f"the chunked-linear Pallas kernels target TPU and GPU; backend is {backend!r} "
-    "(impl='pallas_interpret' runs the TPU kernel in the interpreter, or use impl='xla')"
   )

@@ -13,13 +13,13 @@ import jax
 
 from attnjax import registry
 from attnjax.ops.common import check_qkv, resolve_scale
-from attnjax.ops.neighborhood import blockwise, kernel, reference, window
+from attnjax.ops.neighborhood import blockwise, pallas, reference, window
 
 IMPLS = {
   "reference": reference.attention,
   "xla": blockwise.attention,
-  "pallas": kernel.attention,
-  "pallas_interpret": kernel.attention_interpret,
+  "pallas": pallas.attention,
+  "pallas_interpret": pallas.attention_interpret,
 }
 
 

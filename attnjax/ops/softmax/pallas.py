@@ -18,13 +18,12 @@ import numpy as np
 from attnjax import masks as masks_lib
 from attnjax import registry
 from attnjax.ops.softmax.blockwise import BlockSizes
-from kernels_pallas import block_sparse
-from kernels_pallas.block_sparse import gpu as block_sparse_gpu
+from kernels_pallas import block_sparse, common, triton
 
 DEFAULT_BLOCKS = {"tpu": BlockSizes(512, 512), "gpu": BlockSizes(64, 64)}
 KERNELS = {
-  "tpu": block_sparse.block_sparse_attention,
-  "gpu": block_sparse_gpu.block_sparse_attention,
+  "tpu": block_sparse.tpu.block_sparse_attention,
+  "gpu": block_sparse.gpu.block_sparse_attention,
 }
 
 
@@ -68,12 +67,17 @@ def attention(
 
   `kernel` ("tpu" or "gpu") defaults to the backend's, or "tpu" when interpreting.
   """
-  kernel = kernel or ("tpu" if interpret else _backend_kernel())
+  kernel = common.select_kernel(kernel, interpret=interpret)
+  if kernel is None:
+    raise registry.Unsupported(
+      f"the block-sparse Pallas kernels target TPU and GPU; backend is {jax.default_backend()!r} "
+      "(impl='pallas_interpret' runs the TPU kernel in the interpreter)"
+    )
   blocks = block_sizes or DEFAULT_BLOCKS[kernel]
   if kernel == "gpu":  # Triton tiles are powers of two
     blocks = BlockSizes(
-      min(blocks.block_q, _pow2_at_least_16(shape.q_len)),
-      min(blocks.block_kv, _pow2_at_least_16(shape.kv_len)),
+      min(blocks.block_q, common.next_power_of_two(shape.q_len, at_least=triton.MIN_DOT)),
+      min(blocks.block_kv, common.next_power_of_two(shape.kv_len, at_least=triton.MIN_DOT)),
     )
   else:
     blocks = blocks.fit(shape.q_len, shape.kv_len)
@@ -90,22 +94,6 @@ def attention(
     sinks=sinks,
     interpret=interpret,
   )
-
-
-def _backend_kernel() -> str:
-  backend = jax.default_backend()
-  if backend == "tpu":
-    return "tpu"
-  if backend in ("gpu", "cuda", "rocm"):
-    return "gpu"
-  raise registry.Unsupported(
-    f"the block-sparse Pallas kernels target TPU and GPU; backend is {backend!r} "
-    "(impl='pallas_interpret' runs the TPU kernel in the interpreter)"
-  )
-
-
-def _pow2_at_least_16(n: int) -> int:
-  return max(16, 1 << (n - 1).bit_length())
 
 
 interpreted = functools.partial(attention, interpret=True)

@@ -13,7 +13,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from attnjax import masks
 from attnjax.ops.softmax.pallas import mask_info
-from kernels_pallas.block_sparse import BlockSizes, block_sparse_attention
+from kernels_pallas.block_sparse import BlockSizes
+from kernels_pallas.block_sparse.tpu import block_sparse_attention, check_block_sizes
 from tests.helpers import assert_close, random_normal
 
 EXPORT_MASKS = {
@@ -111,10 +112,10 @@ def test_sparse_mask_fetches_and_computes_only_live_tiles():
 
 def test_block_sizes_are_validated_for_tpu():
   with pytest.raises(ValueError, match="block_kv=96 must be a multiple of 128"):
-    BlockSizes(128, 96).check_tpu(256, 384)
+    check_block_sizes(BlockSizes(128, 96), 256, 384)
   with pytest.raises(ValueError, match="block_q=40 must be a multiple of 32"):
-    BlockSizes(40, 128).check_tpu(80, 256)
-  BlockSizes(40, 40).check_tpu(40, 40)  # one block spanning the array is allowed
+    check_block_sizes(BlockSizes(40, 128), 80, 256)
+  check_block_sizes(BlockSizes(40, 40), 40, 40)  # one block spanning the array is allowed
   with pytest.raises(ValueError, match="positive int"):
     BlockSizes(0, 128)
   info = mask_info(masks.causal(), 64, 64, 32, 32, 0)

@@ -15,7 +15,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from attnjax.ops.linear import reference
-from kernels_pallas.chunked_linear import BlockSizes, linear_attention
+from kernels_pallas.chunked_linear.tpu import BlockSizes, linear_attention
 from tests.helpers import TOL_BLOCKED_F32, assert_close
 
 

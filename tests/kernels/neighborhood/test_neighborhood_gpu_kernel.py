@@ -15,8 +15,8 @@ import pytest
 from attnjax.ops.neighborhood import (
   BlockSizes,
   api,
-  kernel,
   neighborhood_attention,
+  pallas,
   reference,
   window,
 )
@@ -29,7 +29,7 @@ from tests.ops.neighborhood import test_neighborhood_attention as shared
 @pytest.fixture
 def gpu_kernel_interpreted(monkeypatch):
   """Routes impl='pallas_interpret' to the Triton kernel for the duration of a test."""
-  interpreted = functools.partial(kernel.attention_interpret, kernel="gpu")
+  interpreted = functools.partial(pallas.attention_interpret, kernel="gpu")
   monkeypatch.setitem(api.IMPLS, "pallas_interpret", interpreted)
 
 
@@ -86,7 +86,7 @@ def test_gpu_kernel_matches_reference_bfloat16(gpu_kernel_interpreted):
 def test_gpu_kernel_matches_reference_on_random_shapes(spatial, dilation, is_causal, kv_heads):
   with pytest.MonkeyPatch.context() as patch:
     patch.setitem(
-      api.IMPLS, "pallas_interpret", functools.partial(kernel.attention_interpret, kernel="gpu")
+      api.IMPLS, "pallas_interpret", functools.partial(pallas.attention_interpret, kernel="gpu")
     )
     shared.check_against_reference(
       "pallas_interpret",
@@ -104,7 +104,7 @@ def test_gpu_kernel_runs_halo_and_grid_windows():
   windows = (window.Blocked(4, halo=2), window.Grid(3, 12))
   q, k, v = _qkv(3, (1, 12, 12, 2, 16), 1)
   d_out = random_normal(jax.random.PRNGKey(4), q.shape)
-  gpu_run = functools.partial(kernel.attention_interpret, windows=windows, scale=0.3, kernel="gpu")
+  gpu_run = functools.partial(pallas.attention_interpret, windows=windows, scale=0.3, kernel="gpu")
   ref_run = functools.partial(reference.attention, windows=windows, scale=0.3)
   out, grads = jax.jit(functools.partial(_value_and_vjp, gpu_run, d_out))(q, k, v)
   ref, ref_grads = jax.jit(functools.partial(_value_and_vjp, ref_run, d_out))(q, k, v)
@@ -131,7 +131,7 @@ def test_rows_without_keys_are_zero_with_finite_gradients():
   np.testing.assert_array_equal(rows[:, :, 1:3], 0.0)
   for g in grads:
     assert np.all(np.isfinite(g))
-  tpu_rows = kernel.tpu.tile_sparse_attention(q, k, v, schedule, scale=0.25, interpret=True)
+  tpu_rows = pallas.tpu.tile_sparse_attention(q, k, v, schedule, scale=0.25, interpret=True)
   assert_close(rows, tpu_rows, 1e-5, "GPU vs TPU kernel on a hand-made schedule")
 
 
@@ -144,8 +144,8 @@ def test_impl_pallas_on_gpu_runs_the_gpu_kernel(monkeypatch):
     raise AssertionError("impl='pallas' on GPU called the TPU kernel")
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setitem(kernel.KERNELS, "gpu", gpu_interpreted)
-  monkeypatch.setitem(kernel.KERNELS, "tpu", not_tpu)
+  monkeypatch.setitem(pallas.KERNELS, "gpu", gpu_interpreted)
+  monkeypatch.setitem(pallas.KERNELS, "tpu", not_tpu)
   q, k, v = _qkv(2, (1, 21, 2, 8), 1)
   out = neighborhood_attention(q, k, v, kernel_size=5, impl="pallas")
   ref = neighborhood_attention(q, k, v, kernel_size=5, impl="reference")
@@ -164,12 +164,12 @@ def test_impl_pallas_on_gpu_runs_the_gpu_kernel(monkeypatch):
   ],
 )
 def test_gpu_tiles_are_powers_of_two(spatial, windows, tile):
-  assert kernel.kernel_tile("gpu", spatial, windows) == tile
+  assert pallas.kernel_tile("gpu", spatial, windows) == tile
 
 
 def test_gpu_tiles_round_requested_block_sizes_up():
   windows = (window.Neighborhood(3),) * 2
-  assert kernel.kernel_tile("gpu", (40, 40), windows, BlockSizes((24, 3))) == (32, 4)
+  assert pallas.kernel_tile("gpu", (40, 40), windows, BlockSizes((24, 3))) == (32, 4)
 
 
 @pytest.mark.parametrize(
@@ -178,12 +178,12 @@ def test_gpu_tiles_round_requested_block_sizes_up():
 )
 def test_bad_tile_sizes_raise(tile, message):
   with pytest.raises(ValueError, match=message):
-    gpu.TileSizes(tile)
+    gpu.BlockSizes(tile)
 
 
 def test_tile_sizes_need_one_size_per_axis():
   with pytest.raises(ValueError, match="one size per spatial axis"):
-    gpu.TileSizes((8, 8)).fit((16,))
+    gpu.BlockSizes((8, 8)).fit((16,))
 
 
 @pytest.mark.parametrize(
@@ -197,13 +197,13 @@ def test_kernel_rejects_bad_schedule_tiles(tile, interpret, message):
   plan = window.tile_plan((6, 16), (window.Neighborhood(3),) * 2, tile)
   q = jnp.ones((1, 1, plan.num_tiles * plan.tile_size, 16))
   with pytest.raises(ValueError, match=message):
-    gpu.tile_sparse_attention(q, q, q, kernel.tile_schedule(plan), scale=1.0, interpret=interpret)
+    gpu.tile_sparse_attention(q, q, q, pallas.tile_schedule(plan), scale=1.0, interpret=interpret)
 
 
 def test_unknown_kernel_name_raises():
   q = jnp.ones((1, 8, 1, 16))
   with pytest.raises(ValueError, match="kernel must be one of"):
-    kernel.fused_attention(q, q, q, windows=(window.Neighborhood(3),), scale=1.0, kernel="cuda")
+    pallas.fused_attention(q, q, q, windows=(window.Neighborhood(3),), scale=1.0, kernel="cuda")
 
 
 def _export_for_cuda(fn, *args):
@@ -226,7 +226,7 @@ def _export_for_cuda(fn, *args):
 def test_lowers_for_cuda_forward_and_gradient(dtype, spatial, windows, kv_heads):
   q = jax.ShapeDtypeStruct((2, *spatial, 4, 60), dtype)
   kv = jax.ShapeDtypeStruct((2, *spatial, kv_heads, 60), dtype)
-  run = functools.partial(kernel.fused_attention, windows=windows, scale=0.125, kernel="gpu")
+  run = functools.partial(pallas.fused_attention, windows=windows, scale=0.125, kernel="gpu")
 
   def grads(q, k, v):
     return jax.grad(lambda *a: run(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)

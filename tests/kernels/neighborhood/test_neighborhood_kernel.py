@@ -11,8 +11,9 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from attnjax.ops.neighborhood import BlockSizes, reference, window
-from attnjax.ops.neighborhood.kernel import fused_attention, tile_schedule
-from kernels_pallas.neighborhood import TileSchedule, tile_sparse_attention
+from attnjax.ops.neighborhood.pallas import fused_attention, tile_schedule
+from kernels_pallas.neighborhood import TileSchedule
+from kernels_pallas.neighborhood.tpu import tile_sparse_attention
 from tests.helpers import assert_close, random_normal
 
 WINDOWS_2D = (window.Neighborhood(5), window.Neighborhood(3, dilation=2, is_causal=True))

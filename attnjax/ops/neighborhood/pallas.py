@@ -17,6 +17,7 @@ from jax.experimental.pallas import tpu as pltpu
 from attnjax import registry
 from attnjax.ops.neighborhood import window
 from attnjax.ops.neighborhood.blockwise import BlockSizes
+from kernels_pallas import common
 from kernels_pallas.neighborhood import TileSchedule, gpu, tpu
 
 KERNELS = {"tpu": tpu.tile_sparse_attention, "gpu": gpu.tile_sparse_attention}
@@ -36,14 +37,14 @@ def attention(
 
   `kernel` ("tpu" or "gpu") defaults to the backend's; other backends raise `Unsupported`.
   """
+  kernel = common.select_kernel(kernel)
+  if kernel is None:
+    raise registry.Unsupported(
+      f"the neighborhood Pallas kernels target TPU and GPU, not {jax.default_backend()!r}; use "
+      "impl='xla' (or impl='pallas_interpret' to run the kernel in the interpreter)"
+    )
   return fused_attention(
-    q,
-    k,
-    v,
-    windows=windows,
-    scale=scale,
-    block_sizes=block_sizes,
-    kernel=kernel or _backend_kernel(),
+    q, k, v, windows=windows, scale=scale, block_sizes=block_sizes, kernel=kernel
   )
 
 
@@ -53,16 +54,6 @@ def attention_interpret(
   """`attention` run by the Pallas interpreter (any backend); the TPU kernel by default."""
   return fused_attention(
     q, k, v, windows=windows, scale=scale, block_sizes=block_sizes, interpret=True, kernel=kernel
-  )
-
-
-def _backend_kernel() -> str:
-  backend = jax.default_backend()
-  if backend in ("tpu", "gpu"):
-    return backend
-  raise registry.Unsupported(
-    f"the neighborhood Pallas kernels target TPU and GPU, not {backend!r}; use impl='xla' (or "
-    f"impl='pallas_interpret' to run the kernel in the interpreter)"
   )
 
 
@@ -87,8 +78,7 @@ def fused_attention(
   switch and which `kernel` ("tpu" or "gpu"); `jax.export` uses them to lower a kernel for
   TPU or CUDA from a CPU host.
   """
-  if kernel not in KERNELS:
-    raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got kernel={kernel!r}")
+  common.select_kernel(kernel)  # raises unless "tpu" or "gpu"
   spatial = q.shape[1:-2]
   plan = window.tile_plan(spatial, windows, kernel_tile(kernel, spatial, windows, block_sizes))
   q_rows, k_rows, v_rows = (_heads_major(window.to_tiles(x, plan)) for x in (q, k, v))
@@ -110,8 +100,8 @@ def kernel_tile(
   """The tile shape `kernel` runs for `block_sizes` (None: its default) on this geometry.
 
   TPU: rows per tile stay a multiple of 8 (sublanes) whatever the spatial sizes. GPU: every
-  edge rounded up to a power of two, at least `gpu.MIN_ROWS` rows, over the axes as the plan
-  reorders them (dilation groups padded to whole groups).
+  edge rounded up to a power of two, at least `kernels_pallas.triton.MIN_DOT` rows, over the
+  axes as the plan reorders them (dilation groups padded to whole groups).
   """
   blocks = block_sizes or BlockSizes(DEFAULT_TILES[kernel][len(spatial)])
   if kernel == "tpu":
@@ -119,7 +109,7 @@ def kernel_tile(
   extents = tuple(
     len(window.group_order(n, w.group_stride)) for n, w in zip(spatial, windows, strict=True)
   )
-  return gpu.TileSizes.covering(blocks.tile).fit(extents)
+  return gpu.BlockSizes.covering(blocks.tile).fit(extents)
 
 
 def _heads_major(x_tiles: jax.Array) -> jax.Array:
