@@ -16,6 +16,7 @@ tables; `train.py` and `eval.py` need no change.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -242,6 +243,7 @@ class Experiment:
   graphdef: Any
   abstract_state: Any  # ShapeDtypeStructs carrying the target shardings
   state_shardings: Any
+  batch_sharding: Callable[[int], jax.sharding.NamedSharding]  # ndim -> a data array's sharding
   init: Callable[[], Any]  # () -> sharded train state
   tx: optax.GradientTransformation
   schedule: optax.Schedule
@@ -276,9 +278,10 @@ class Experiment:
     return {key: self._global(rows) for key, rows in local.items()}
 
   def _global(self, rows: np.ndarray) -> jax.Array:
-    target = sharding.batch_sharding(self.mesh, self.config.mesh.rules, rows.ndim)
     global_shape = (rows.shape[0] * jax.process_count(), *rows.shape[1:])
-    return jax.make_array_from_process_local_data(target, rows, global_shape)
+    return jax.make_array_from_process_local_data(
+      self.batch_sharding(rows.ndim), rows, global_shape
+    )
 
 
 def experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment:
@@ -332,6 +335,7 @@ def experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment:
     graphdef=graphdef,
     abstract_state=abstract_state,
     state_shardings=state_shardings,
+    batch_sharding=functools.partial(sharding.batch_sharding, mesh, config.mesh.rules),
     init=jax.jit(init, out_shardings=state_shardings),
     tx=tx,
     schedule=schedule,

@@ -14,25 +14,25 @@ import numpy as np
 import optax
 
 from attnjax import data
-from attnjax.training import build, step
-from attnjax.training.build import Experiment
+from attnjax.training import build
+from attnjax.training.step import evaluate_loss, make_eval_step
 
 NUM_POSITION_BUCKETS = 32
 
 
-def _accuracy_on(exp: Experiment, params, source) -> dict[str, float]:
-  return step.evaluate_loss(exp, step.make_eval_step(exp), params, source)
+def _accuracy_on(exp: build.Experiment, params, source) -> dict[str, float]:
+  return evaluate_loss(exp, make_eval_step(exp), params, source)
 
 
-def eval_loss(exp: Experiment, params) -> dict[str, float]:
+def eval_loss(exp: build.Experiment, params) -> dict[str, float]:
   return _accuracy_on(exp, params, exp.data("eval"))
 
 
-def eval_mqar(exp: Experiment, params) -> dict[str, float]:
+def eval_mqar(exp: build.Experiment, params) -> dict[str, float]:
   return {"accuracy": _accuracy_on(exp, params, data.MQAR(**exp.config.data.mqar))["accuracy"]}
 
 
-def eval_passkey(exp: Experiment, params) -> dict[str, list]:
+def eval_passkey(exp: build.Experiment, params) -> dict[str, list]:
   options = dict(exp.config.data.passkey)
   lengths = list(exp.config.eval.passkey_lengths)
   accuracy = []
@@ -42,7 +42,7 @@ def eval_passkey(exp: Experiment, params) -> dict[str, list]:
   return {"seq_len": lengths, "accuracy": accuracy}
 
 
-def eval_length_extrapolation(exp: Experiment, params) -> dict[str, list]:
+def eval_length_extrapolation(exp: build.Experiment, params) -> dict[str, list]:
   """Mean loss in `NUM_POSITION_BUCKETS` position buckets over `factor` x training length."""
   config = exp.config
   train_len = exp.data().seq_len
