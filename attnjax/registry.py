@@ -1,8 +1,12 @@
 """Variant registry: attention variants and their implementations, looked up by name.
 
-A `Variant` bundles the pure op of an attention mechanism (`op`, which dispatches on
-`impl=`), its float32 oracle (`reference`), its fast implementations (`impls`), the NNX
-mixer module that wraps it for models (`module`) and what it supports (`capabilities`).
+A variant is declared once, by `register(name, op, ...)`: its pure op (which dispatches on
+`impl=`), the implementations that op has, the keyword `defaults` the variant passes to it,
+the NNX mixer that wraps it for models (`module`) and a typed description of what it can do
+(`Capabilities`). Everything else is derived from that declaration: `reference` and `impls`
+(the op with the defaults applied, as for a plain call), the one-token `step` of a variant
+that carries a state, the README table, the presets of `configs/mqar.py`, which layers
+`attnjax.parallel` can split and how. Nothing else keeps a list of variants.
 
 Dispatch is by table, not by if/elif ladders: `dispatch(impls, impl, ...)` calls the named
 implementation; with `impl="auto"` it tries the implementations in `auto_order()` and moves
@@ -13,13 +17,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal
 
 import jax
 
 IMPL_NAMES = ("reference", "xla", "pallas", "pallas_interpret", "auto")
+FAMILIES = ("softmax", "linear", "neighborhood")
+
+# How a variant's layer splits under sequence parallelism (`Capabilities.split`):
+#   "mask":  a mask preset of `dot_product_attention`; every softmax strategy (ring,
+#            allgather, ulysses) shifts the preset's mask per chunk.
+#   "state": a preset of `linear_attention`; LASP-2 and ZeCO pass per-device states.
+#   "heads": any op of q, k, v and static keywords returning `(out, lse)`; Ulysses only (the
+#            op runs whole sequences for a subset of heads).
+#   None:    not split (run it with `mesh.shape.seq=1`).
+Split = Literal["mask", "state", "heads"]
+SPLITS = ("mask", "state", "heads", None)
 
 
 class Unsupported(ValueError):  # noqa: N818 - reads better at raise sites: `raise Unsupported(...)`
@@ -27,42 +43,150 @@ class Unsupported(ValueError):  # noqa: N818 - reads better at raise sites: `rai
 
 
 @dataclasses.dataclass(frozen=True)
+class Capabilities:
+  """What a variant's op does, declared at registration and checked by the registry test.
+
+  Attributes:
+    causal: a causal form exists: position t reads no input after t.
+    bidirectional: a bidirectional form exists (every position may read every other).
+    causal_keyword: the op takes `causal=` to choose between the two forms (the op's default,
+      or the variant's `defaults`, gives the registered form); without it the variant is
+      exactly one of the two.
+    gqa: `k`, `v` may have fewer heads than `q`.
+    mask: the op takes `mask=` (an `attnjax.masks.Mask`).
+    segment_ids: the op takes `segment_ids=` (packed sequences attend within a segment).
+    lse: the op takes `return_lse=True` and then returns `(out, lse [batch, q_len, heads])`.
+    state: the op takes `initial_state=` and `return_final_state=True` (then returns
+      `(out, state)`), so a sequence can run in pieces; the variant then has a `step`.
+    spatial: inputs are `[batch, *spatial, heads, dim]` with 1 to 3 spatial axes.
+    split: how the variant splits under sequence parallelism (see `SPLITS`).
+  """
+
+  causal: bool
+  bidirectional: bool = False
+  causal_keyword: bool = False
+  gqa: bool = True
+  mask: bool = False
+  segment_ids: bool = False
+  lse: bool = False
+  state: bool = False
+  spatial: bool = False
+  split: Split | None = None
+
+  def __post_init__(self):
+    if self.split not in SPLITS:
+      raise ValueError(f"split must be one of {SPLITS}, got split={self.split!r}")
+    if self.causal_keyword != (self.causal and self.bidirectional):
+      raise ValueError(
+        "a variant is causal or bidirectional; it has both forms exactly when it takes a "
+        "causal= keyword (causal_keyword=True)"
+      )
+    if self.split is not None and not self.causal:
+      raise ValueError("only causal variants split under sequence parallelism")
+    if self.split == "heads" and not self.lse:
+      raise ValueError('split="heads" (Ulysses) needs an op that returns its lse')
+
+  def causal_options(self) -> dict[str, bool] | None:
+    """The keywords that make the op causal: `{}`, `{"causal": True}`, or None if none do.
+
+    Mixers take the same `causal` option as their op, so a config can ask for a causal layer.
+    """
+    if not self.causal:
+      return None
+    return {"causal": True} if self.causal_keyword else {}
+
+
+@dataclasses.dataclass(frozen=True)
 class Variant:
-  """One registered attention variant.
+  """One registered attention variant (build it with `register`).
 
   Attributes:
     name: registry key, e.g. `"softmax"`, `"sliding_window"`.
-    family: `"softmax"`, `"linear"`, `"neighborhood"`, ...
+    family: one of `FAMILIES`; sequence parallelism picks its strategy by family.
     paper: citation of the paper that defines the variant.
-    reference: the float32 oracle, same signature as `op` minus `impl`.
-    impls: implementation name -> callable, every one computing `reference`'s function.
-    op: public function with an `impl=` keyword that dispatches over `impls`.
+    op: public function with an `impl=` keyword that dispatches over its implementations.
+    impl_names: the implementations `op` has (besides "auto").
+    capabilities: what the op does (`Capabilities`).
+    defaults: keyword arguments this variant passes to `op` (a mask, a window size).
+    preset: for `split` "mask" / "state": `(call keywords, query heads) -> keywords` of the
+      family's base op (`dot_product_attention` / `linear_attention`) that compute the same
+      function, so sequence parallelism can run the base op's strategies on it.
     module: "package.module:Class" of the Flax NNX mixer (resolved lazily by `mixer_class`,
       since ops may not import `attnjax.nn`); it is constructed as
       `cls(embed_dim, *, num_heads, num_kv_heads=None, head_dim=None, variant=name, rngs,
       **options)` and called as `mixer(x[batch, seq, embed], *, segment_ids=None)`
       `-> [batch, seq, embed]`.
-    capabilities: what the op supports, e.g. `{"mask", "segment_ids", "gqa", "lse"}`.
-    defaults: keyword arguments this variant passes to `op` (a mask preset, a window size).
     description: one line for the README table.
+    example: `(key, *, batch, seq, heads, kv_heads, head_dim) -> (args, kwargs)`, random
+      arguments of a valid call (tests and benchmarks call every variant through it; None:
+      q, k, v of those sizes, `kv_heads` only if `capabilities.gqa`).
   """
 
   name: str
   family: str
   paper: str
-  reference: Callable[..., Any]
-  impls: Mapping[str, Callable[..., Any]]
   op: Callable[..., Any]
-  module: str | None = None
-  capabilities: frozenset[str] = frozenset()
+  impl_names: tuple[str, ...]
+  capabilities: Capabilities
   defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  preset: Callable[[dict, int], dict] | None = None
+  module: str | None = None
   description: str = ""
+  example: Callable[..., tuple[tuple, dict]] | None = None
 
   def __call__(self, *args, **kwargs):
     op = self.op
     for hook in _CALL_HOOKS:
       op = hook(self, op)
     return op(*args, **{**self.defaults, **kwargs})
+
+  @property
+  def reference(self) -> Callable[..., Any]:
+    """The float32 oracle: the variant called with `impl="reference"`."""
+    return self.impls["reference"]
+
+  @property
+  def impls(self) -> Mapping[str, Callable[..., Any]]:
+    """Implementation name -> the variant called with that `impl` (defaults applied)."""
+    return {name: functools.partial(self, impl=name) for name in self.impl_names}
+
+  def example_inputs(
+    self, key: jax.Array, *, batch=2, seq=21, heads=4, kv_heads=2, head_dim=12
+  ) -> tuple[tuple, dict]:
+    """Random `(args, kwargs)` of a valid call of this variant (see `example`)."""
+    kv_heads = kv_heads if self.capabilities.gqa else heads
+    sizes = dict(batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    if self.example is not None:
+      return self.example(key, **sizes)
+    return random_qkv(key, **sizes), {}
+
+  def step(self, q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, state=None, **kwargs):
+    """One decoding token in constant memory: `(o_t [batch, heads, value_dim], new state)`.
+
+    `q_t [batch, heads, head_dim]`, `k_t`, `v_t [batch, kv_heads, dim]`; `state` from the
+    previous step or `op(..., return_final_state=True)`, None before the first token.
+    Per-token keyword arrays (e.g. GLA's gate) keep a one-token sequence axis.
+    """
+    if not self.capabilities.state:
+      raise ValueError(f"variant {self.name!r} carries no state and has no one-token step")
+    for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+      if x.ndim != 3:
+        raise ValueError(f"{name} must be [batch, heads, dim] (one token), got shape {x.shape}")
+    kwargs = {"impl": "reference", **kwargs, "initial_state": state, "return_final_state": True}
+    out, state = self(q_t[:, None], k_t[:, None], v_t[:, None], **kwargs)
+    return out[:, 0], state
+
+
+def random_qkv(
+  key: jax.Array, *, batch: int, seq: int, heads: int, kv_heads: int, head_dim: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Standard-normal float32 `q [batch, seq, heads, head_dim]`, `k`, `v [.., kv_heads, ..]`."""
+  kq, kk, kv = jax.random.split(key, 3)
+  return (
+    jax.random.normal(kq, (batch, seq, heads, head_dim)),
+    jax.random.normal(kk, (batch, seq, kv_heads, head_dim)),
+    jax.random.normal(kv, (batch, seq, kv_heads, head_dim)),
+  )
 
 
 # Active `intercept` hooks, innermost last.
@@ -88,11 +212,53 @@ def intercept(hook: Callable[[Variant, Callable], Callable]) -> Iterator[None]:
 _REGISTRY: dict[str, Variant] = {}
 
 
-def register(variant: Variant) -> Variant:
-  """Adds `variant` under `variant.name`; a name can be registered once."""
-  if variant.name in _REGISTRY and _REGISTRY[variant.name] is not variant:
-    raise ValueError(f"variant {variant.name!r} is already registered")
-  _REGISTRY[variant.name] = variant
+def register(
+  name: str,
+  op: Callable[..., Any],
+  *,
+  family: str,
+  paper: str,
+  description: str,
+  capabilities: Capabilities,
+  impls: Iterable[str] = ("reference", "xla"),
+  defaults: Mapping[str, Any] | None = None,
+  preset: Callable[[dict, int], dict] | None = None,
+  module: str | None = None,
+  example: Callable[..., tuple[tuple, dict]] | None = None,
+) -> Variant:
+  """Declares variant `name` (see `Variant`); a name can be registered once.
+
+  `impls` names the implementations `op` dispatches to (each must compute the reference's
+  function); `defaults` are passed to `op` on every call, through every implementation.
+  """
+  impl_names = tuple(impls)
+  if "reference" not in impl_names or not set(impl_names) <= set(IMPL_NAMES) - {"auto"}:
+    raise ValueError(
+      f"impls of {name!r} must include 'reference' and be among {IMPL_NAMES[:-1]}, got {impl_names}"
+    )
+  if family not in FAMILIES:
+    raise ValueError(f"family of {name!r} must be one of {FAMILIES}, got {family!r}")
+  if (capabilities.split in ("mask", "state")) != (preset is not None):
+    raise ValueError(
+      f'variant {name!r}: split="mask" or "state" needs a preset (its base-op keywords), and '
+      f"a preset needs one of them; got split={capabilities.split!r}"
+    )
+  if name in _REGISTRY:
+    raise ValueError(f"variant {name!r} is already registered")
+  variant = Variant(
+    name=name,
+    family=family,
+    paper=paper,
+    op=op,
+    impl_names=impl_names,
+    capabilities=capabilities,
+    defaults=dict(defaults or {}),
+    preset=preset,
+    module=module,
+    description=description,
+    example=example,
+  )
+  _REGISTRY[name] = variant
   return variant
 
 
@@ -150,14 +316,29 @@ def dispatch(impls: Mapping[str, Callable[..., Any]], impl: str, *args, **kwargs
 def markdown_table() -> str:
   """The README's table of registered variants, generated from the registry."""
   rows = [
-    "| name | family | implementations | paper | description |",
-    "|---|---|---|---|---|",
+    "| name | family | implementations | capabilities | paper | description |",
+    "|---|---|---|---|---|---|",
   ]
   for name in names():
     v = _REGISTRY[name]
-    impls = ", ".join(["reference", *sorted(k for k in v.impls if k != "reference")])
-    rows.append(f"| `{name}` | {v.family} | {impls} | {v.paper} | {v.description} |")
+    impls = ", ".join(["reference", *sorted(k for k in v.impl_names if k != "reference")])
+    rows.append(
+      f"| `{name}` | {v.family} | {impls} | {capability_summary(v.capabilities)} | {v.paper} "
+      f"| {v.description} |"
+    )
   return "\n".join(rows)
+
+
+def capability_summary(capabilities: Capabilities) -> str:
+  """A short list of what a variant does, e.g. `causal, gqa, state, split: state`."""
+  flags = [
+    field.name
+    for field in dataclasses.fields(capabilities)
+    if field.name not in ("causal_keyword", "split") and getattr(capabilities, field.name)
+  ]
+  if capabilities.split is not None:
+    flags.append(f"split: {capabilities.split}")
+  return ", ".join(flags)
 
 
 def _load_builtin_variants() -> None:

@@ -2,8 +2,9 @@
 
     python train.py --config=configs/mqar.py:softmax --workdir=/tmp/mqar
 
-Presets: every registered variant name puts that variant in both layers (with the options of
-`VARIANT_OPTIONS`); `hybrid_<name>` alternates `<name>` and `softmax` layers. Task: seq_len
+Presets: every registered variant with a causal form puts that variant in both layers (asked
+for its causal form where it has both, with the options of `VARIANT_OPTIONS`); `hybrid_<name>`
+alternates `<name>` and `softmax` layers. Task: seq_len
 64, 4 key-value pairs, vocabulary 256; a 2-layer, width-64 model without MLP (Zoology's MQAR
 models), 800 steps of 64 sequences.
 Hardware and time: a 2-core CPU shared with other jobs; the `softmax` preset took 85 s wall
@@ -21,7 +22,7 @@ x seq=4), ring attention in softmax layers and LASP-2 in linear layers:
       --config.parallel.softmax=ring --config.parallel.linear=lasp2 --workdir=/tmp/mqar_seq4
 
 The losses equal those of the same run with `--config.mesh.shape.seq=1` up to float32
-rounding (`tests/training/test_seq_parallel_train.py`).
+rounding (`tests/parallel/test_seq_parallel_train.py`).
 """
 
 from attnjax import registry
@@ -35,12 +36,14 @@ VARIANT_OPTIONS = {
   "sinks": {"num_sink_tokens": 1},
   "softplus": {"train_len": 64},
   "diffqkv": {"num_k_heads": 1, "q_aug_dim": 64},
-  "disentangled": {"causal": True},  # DeBERTa is bidirectional; an LM must not see the answers
   "cca": {"group_size": 4, "window": 8},
 }
-# Bidirectional mixers (vision, agent attention): as LM mixers they would see future tokens.
-NOT_CAUSAL = frozenset({"halo", "maxvit", "biformer", "agent"})
 HYBRID_PREFIX = "hybrid_"
+
+
+def causal_presets() -> list[str]:
+  """The registered variants with a causal form: the presets of this config."""
+  return [n for n in registry.names() if registry.get(n).capabilities.causal]
 
 
 def get_config(preset: str = "softmax"):
@@ -59,9 +62,11 @@ def get_config(preset: str = "softmax"):
       f"unknown preset {preset!r}; presets: the registered variants {registry.names()}, "
       f"each also as {HYBRID_PREFIX}<name>"
     )
-  if name in NOT_CAUSAL:
+  causal_options = registry.get(name).capabilities.causal_options()
+  if causal_options is None:
     raise ValueError(f"variant {name!r} is bidirectional and cannot be trained as a causal LM")
   config.model.layer_pattern = f"{name},softmax" if preset.startswith(HYBRID_PREFIX) else name
-  if name in VARIANT_OPTIONS:
-    config.model.mixer_options = {name: VARIANT_OPTIONS[name]}
+  options = {**causal_options, **VARIANT_OPTIONS.get(name, {})}
+  if options:
+    config.model.mixer_options = {name: options}
   return lock(config)

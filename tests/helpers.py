@@ -34,3 +34,63 @@ def tolerance(dtype, blocked: bool = True) -> float:
   if dtype == jnp.bfloat16:
     return TOL_BF16
   return TOL_BLOCKED_F32 if blocked else TOL_EXACT_F32
+
+
+def float_leaves(tree) -> list[bool]:
+  """Which leaves of `tree` are floating-point arrays (the ones gradients are taken of)."""
+  return [
+    isinstance(leaf, jax.Array | np.ndarray) and jnp.issubdtype(leaf.dtype, jnp.floating)
+    for leaf in jax.tree.leaves(tree)
+  ]
+
+
+def jit_call(fn, args: tuple, kwargs: dict):
+  """`fn(*args, **kwargs)` compiled with `jax.jit`: arrays are traced, everything else (masks,
+  sizes, names) is closed over as static."""
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  is_array = [isinstance(leaf, jax.Array | np.ndarray) for leaf in leaves]
+
+  def call(arrays):
+    it = iter(arrays)
+    full = [next(it) if a else leaf for leaf, a in zip(leaves, is_array, strict=True)]
+    a, kw = jax.tree.unflatten(treedef, full)
+    return fn(*a, **kw)
+
+  return jax.jit(call)([leaf for leaf, a in zip(leaves, is_array, strict=True) if a])
+
+
+def value_and_grads(fn, args: tuple, kwargs: dict, seed: int = 0):
+  """`fn(*args, **kwargs)` and the gradients of a random projection of its outputs with
+  respect to every floating-point array in `args` and `kwargs` (a list, in leaf order)."""
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  is_float = float_leaves((args, kwargs))
+  diff = [leaf for leaf, f in zip(leaves, is_float, strict=True) if f]
+
+  def call(diff_leaves):
+    it = iter(diff_leaves)
+    full = [next(it) if f else leaf for leaf, f in zip(leaves, is_float, strict=True)]
+    a, kw = jax.tree.unflatten(treedef, full)
+    return fn(*a, **kw)
+
+  out, vjp = jax.vjp(jax.jit(call), diff)
+  cotangent = jax.tree.map(
+    lambda x: (
+      random_normal(jax.random.key(seed), x.shape, x.dtype)
+      if jnp.issubdtype(x.dtype, jnp.floating)
+      else np.zeros(x.shape, jax.dtypes.float0)
+    ),
+    out,
+  )
+  (grads,) = vjp(cotangent)
+  return out, grads
+
+
+def assert_matches_reference(fn, reference, args: tuple, kwargs: dict, tol: float, what: str):
+  """`fn` equals `reference` on `(args, kwargs)`: outputs within `tol`, gradients with respect
+  to every floating-point input within `2 * tol` (DESIGN.md's relative errors)."""
+  out, grads = value_and_grads(fn, args, kwargs)
+  ref_out, ref_grads = value_and_grads(reference, args, kwargs)
+  for i, (x, ref) in enumerate(zip(jax.tree.leaves(out), jax.tree.leaves(ref_out), strict=True)):
+    assert_close(x, ref, tol, f"{what}: output {i}")
+  for i, (g, ref) in enumerate(zip(grads, ref_grads, strict=True)):
+    assert_close(g, ref, 2 * tol, f"{what}: gradient of float input {i}")

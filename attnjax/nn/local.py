@@ -27,7 +27,7 @@ class LocalAttention(nnx.Module):
   head_dim]`, `out [heads, head_dim, embed]`. `spatial_shape` (e.g. `(h, w)` for an image of
   `h * w` patch tokens) must multiply to the sequence length; None treats the sequence as one
   axis of a language model: `use_rope` (default on for 1-D) adds rotary positions and
-  `neighborhood` is causal unless `is_causal` is given. `variant_options` go to the op on
+  `neighborhood` is causal unless `causal` is given. `variant_options` go to the op on
   every call (e.g. `kernel_size=7, dilation=2` for `neighborhood`).
 
   `local_context=n` adds BiFormer's local context enhancement (Zhu et al. 2023): a depthwise
@@ -73,7 +73,7 @@ class LocalAttention(nnx.Module):
     self.rope_base = rope_base
     self.dtype = dtype
     if spatial_shape is None and variant == "neighborhood":
-      variant_options.setdefault("is_causal", True)
+      variant_options.setdefault("causal", True)
     self.variant_options = tuple(sorted(variant_options.items()))  # static, hashable
     self.q = param(
       rngs, fan_in_init(), (embed_dim, num_heads, head_dim), ("embed", "heads", "head_dim")

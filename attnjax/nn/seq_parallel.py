@@ -9,18 +9,14 @@ MLPs stay ordinary code on global arrays that GSPMD partitions. The context is a
 hashable dataclass, a static attribute of the mixer (it adds no parameter), so a model's
 parameter tree is the same with and without it and checkpoints interchange.
 
-Layers qualify when their mixer calls the op as `op(q, k, v, segment_ids=..., **options)`
-(`Attention`, `LinearAttention`) and `sequence_parallel` accepts the variant under the
-strategy: the mask presets (`softmax`, `sliding_window`, `chunked`, `prefix_lm`) under every
-softmax strategy, other plain-`Attention` softmax variants whose op returns its log-sum-exp
-under "ulysses" only, and the causal linear variants that preset `linear_attention`'s
-keywords (`linear`, `gla`, `based`) or a constant per-head decay (`lightning`, `retention`).
+Layers qualify when their variant's `capabilities.split` says how it splits (see
+`attnjax.registry.SPLITS`) for its family's strategy, the layer is causal, and (softmax
+layers) the op returns its log-sum-exp, which every softmax strategy merges.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,9 +24,6 @@ import jax
 
 import attnjax.parallel
 from attnjax import registry
-
-# Mixers that call their op with q, k, v and keywords only, as `sequence_parallel` needs.
-MIXERS = frozenset({"attnjax.nn.attention:Attention", "attnjax.nn.linear:LinearAttention"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,14 +69,9 @@ class SeqParallel:
     """
     strategy, entry = self.strategy(variant), registry.get(variant)
     reason = None
-    if entry.module not in MIXERS:
-      reason = (
-        f"its mixer {entry.module} passes more than q, k, v and keywords to its op; sequence "
-        f"parallelism takes the mixers {sorted(MIXERS)}"
-      )
-    elif (options or {}).get("causal", True) is False:
+    if (options or {}).get("causal", True) is False:
       reason = "the layer is bidirectional (causal=False)"
-    elif entry.family == "softmax" and not _takes(entry.op, "return_lse"):
+    elif entry.family == "softmax" and not entry.capabilities.lse:
       reason = "its op returns no log-sum-exp (return_lse=), which every softmax strategy needs"
     else:
       try:
@@ -95,11 +83,6 @@ class SeqParallel:
         f"layer variant {variant!r} cannot run sequence-parallel with strategy {strategy!r}: "
         f"{reason}"
       )
-
-
-def _takes(op: Callable, keyword: str) -> bool:
-  parameters = inspect.signature(op).parameters.values()
-  return any(p.name == keyword or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def variant_op(variant: str, seq_parallel: SeqParallel | None) -> Callable:

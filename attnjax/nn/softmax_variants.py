@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnjax import masks, registry
+from attnjax import registry
 from attnjax.nn.attention import Attention, resolve_heads
 from attnjax.nn.params import fan_in_init, param
 from attnjax.nn.rope import apply_rope
@@ -349,7 +349,7 @@ class DisentangledAttention(Attention):
       k_rel,
       segment_ids=segment_ids,
       max_distance=self.max_distance,
-      mask=masks.causal() if self.causal else None,
+      causal=self.causal,
     )
     return self.project_out(out)
 

@@ -18,7 +18,6 @@ O(seq * dv) memory) and a stream advances one token at a time with a constant-si
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -169,16 +168,22 @@ def aaren_step(
 
 IMPLS = {"reference": _reference, "xla": _scan}
 
-registry.register(
-  registry.Variant(
-    name="aaren",
-    family="softmax",
-    paper="Feng et al. 2024, Attention as an RNN (arXiv 2405.13956)",
-    reference=functools.partial(aaren, impl="reference"),
-    impls={impl: functools.partial(aaren, impl=impl) for impl in IMPLS},
-    op=aaren,
-    module="attnjax.nn.softmax_variants:AarenAttention",
-    capabilities=frozenset({"segment_ids", "gqa", "step"}),
-    description="one learned query, causal softmax as a prefix scan; constant-memory step",
+
+def _example(key, *, batch, seq, heads, kv_heads, head_dim):
+  q, k, v = registry.random_qkv(
+    key, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim
   )
+  return (q[:, :1], k, v), {}
+
+
+registry.register(
+  "aaren",
+  aaren,
+  family="softmax",
+  paper="Feng et al. 2024, Attention as an RNN (arXiv 2405.13956)",
+  description="one learned query, causal softmax as a prefix scan; constant-memory step",
+  capabilities=registry.Capabilities(causal=True, segment_ids=True),
+  impls=tuple(IMPLS),
+  module="attnjax.nn.softmax_variants:AarenAttention",
+  example=_example,
 )

@@ -127,16 +127,14 @@ def _cca(q, k, v, *, shape, group_size, window, scale, local_impl):
 IMPLS = {impl: functools.partial(_cca, local_impl=impl) for impl in ("reference", "xla")}
 
 registry.register(
-  registry.Variant(
-    name="cca",
-    family="softmax",
-    paper="Chen et al. 2024, Core Context Aware Transformers for Long Context Language "
-    "Modeling (arXiv 2412.12465)",
-    reference=functools.partial(cca_attention, impl="reference"),
-    impls={impl: functools.partial(cca_attention, impl=impl) for impl in IMPLS},
-    op=cca_attention,
-    module="attnjax.nn.attention:Attention",
-    capabilities=frozenset({"gqa"}),
-    description="causal core tokens pooled from groups by significance + sliding-window tokens",
-  )
+  "cca",
+  cca_attention,
+  family="softmax",
+  paper="Chen et al. 2024, Core Context Aware Transformers for Long Context Language "
+  "Modeling (arXiv 2412.12465)",
+  description="causal core tokens pooled from groups by significance + sliding-window tokens",
+  capabilities=registry.Capabilities(causal=True),
+  impls=tuple(IMPLS),
+  module="attnjax.nn.attention:Attention",
+  example=lambda key, **sizes: (registry.random_qkv(key, **sizes), {"group_size": 4, "window": 6}),
 )

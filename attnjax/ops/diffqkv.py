@@ -14,8 +14,6 @@ augmented Q, a wider Q head, lives in the mixer's Q projection: it does not chan
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -63,18 +61,24 @@ def diffqkv_attention(
   return softmax_api.dot_product_attention(q, k, v, impl=impl, **attention_kwargs)
 
 
+def _example(key, *, batch, seq, heads, kv_heads, head_dim):
+  kq, kk, kv = jax.random.split(key, 3)
+  q = jax.random.normal(kq, (batch, seq, heads, head_dim))
+  k = jax.random.normal(kk, (batch, seq, 1, head_dim))
+  v = jax.random.normal(kv, (batch, seq, kv_heads, head_dim + 2))
+  return (q, k, v), {}
+
+
 registry.register(
-  registry.Variant(
-    name="diffqkv",
-    family="softmax",
-    paper="Lin et al. 2025, Sigma: Differential Rescaling of Query, Key and Value for "
-    "Efficient Language Models (arXiv 2501.13629)",
-    reference=functools.partial(diffqkv_attention, impl="reference"),
-    impls={impl: functools.partial(diffqkv_attention, impl=impl) for impl in softmax_api.IMPLS},
-    op=diffqkv_attention,
-    module="attnjax.nn.softmax_variants:DiffQKVAttention",
-    capabilities=frozenset({"mask", "segment_ids", "gqa", "softcap", "sinks"}),
-    defaults={"mask": masks.causal()},
-    description="fewer K heads than V heads, K/V head dims apart, augmented Q projection",
-  )
+  "diffqkv",
+  diffqkv_attention,
+  family="softmax",
+  paper="Lin et al. 2025, Sigma: Differential Rescaling of Query, Key and Value for "
+  "Efficient Language Models (arXiv 2501.13629)",
+  description="fewer K heads than V heads, K/V head dims apart, augmented Q projection",
+  capabilities=registry.Capabilities(causal=True, mask=True, segment_ids=True, lse=True),
+  impls=tuple(softmax_api.IMPLS),
+  defaults={"mask": masks.causal()},
+  module="attnjax.nn.softmax_variants:DiffQKVAttention",
+  example=_example,
 )

@@ -16,7 +16,6 @@ The op materializes the `[q_len, kv_len]` logits (impl "reference" only).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -49,6 +48,7 @@ def disentangled_attention(
   k_rel: jax.Array,
   *,
   max_distance: int = 128,
+  causal: bool = False,
   mask: masks.Mask | None = None,
   segment_ids: jax.Array | None = None,
   scale: float | None = None,
@@ -62,7 +62,9 @@ def disentangled_attention(
     q_rel: `[num_buckets, heads, head_dim]`, queries of the relative position embeddings.
     k_rel: `[num_buckets, kv_heads, head_dim]`, their keys.
     max_distance: distance at which the log buckets saturate.
-    mask: optional `attnjax.masks.Mask` (None: bidirectional).
+    causal: each query sees only keys at or before its position (for next-token training;
+      DeBERTa itself is bidirectional).
+    mask: optional `attnjax.masks.Mask`, combined with `causal` (None: no mask).
     segment_ids: int `[batch, seq]` for packed sequences (self attention).
     scale: logit scale; None means `(3 * head_dim) ** -0.5`.
     impl: "reference" | "auto".
@@ -86,6 +88,8 @@ def disentangled_attention(
         f"attention, got {segment_ids.shape}"
       )
   scale = (3 * shape.head_dim) ** -0.5 if scale is None else float(scale)
+  if causal:
+    mask = masks.causal() if mask is None else masks.causal() & mask
   return registry.dispatch(
     IMPLS,
     impl,
@@ -133,17 +137,28 @@ def _reference(q, k, v, q_rel, k_rel, *, shape: QKVShape, max_distance, mask, se
 
 IMPLS = {"reference": _reference}
 
-registry.register(
-  registry.Variant(
-    name="disentangled",
-    family="softmax",
-    paper="He et al. 2021, DeBERTa: Decoding-enhanced BERT with Disentangled Attention "
-    "(arXiv 2006.03654)",
-    reference=functools.partial(disentangled_attention, impl="reference"),
-    impls={"reference": functools.partial(disentangled_attention, impl="reference")},
-    op=disentangled_attention,
-    module="attnjax.nn.softmax_variants:DisentangledAttention",
-    capabilities=frozenset({"mask", "segment_ids", "gqa"}),
-    description="content-to-content + content-to-position + position-to-content, bucketed",
+
+def _example(key, *, batch, seq, heads, kv_heads, head_dim):
+  q, k, v = registry.random_qkv(
+    key, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim
   )
+  k_q, k_k = jax.random.split(jax.random.fold_in(key, 1))
+  q_rel = jax.random.normal(k_q, (8, heads, head_dim))
+  k_rel = jax.random.normal(k_k, (8, kv_heads, head_dim))
+  return (q, k, v, q_rel, k_rel), {"max_distance": 16}
+
+
+registry.register(
+  "disentangled",
+  disentangled_attention,
+  family="softmax",
+  paper="He et al. 2021, DeBERTa: Decoding-enhanced BERT with Disentangled Attention "
+  "(arXiv 2006.03654)",
+  description="content-to-content + content-to-position + position-to-content, bucketed",
+  capabilities=registry.Capabilities(
+    causal=True, bidirectional=True, causal_keyword=True, mask=True, segment_ids=True
+  ),
+  impls=tuple(IMPLS),
+  module="attnjax.nn.softmax_variants:DisentangledAttention",
+  example=_example,
 )

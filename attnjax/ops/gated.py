@@ -11,8 +11,6 @@ The op takes the gate values; the NNX mixer computes them.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 
 from attnjax import masks, registry
@@ -53,17 +51,23 @@ def gated_attention(
   return (out * gate).astype(out.dtype)
 
 
-registry.register(
-  registry.Variant(
-    name="gated",
-    family="softmax",
-    paper="Qiu et al. 2025, Gated Attention for Large Language Models (arXiv 2505.06708)",
-    reference=functools.partial(gated_attention, impl="reference"),
-    impls={impl: functools.partial(gated_attention, impl=impl) for impl in softmax_api.IMPLS},
-    op=gated_attention,
-    module="attnjax.nn.softmax_variants:GatedAttention",
-    capabilities=frozenset({"mask", "segment_ids", "gqa", "softcap", "sinks"}),
-    defaults={"mask": masks.causal()},
-    description="sigmoid gate from the layer input on the attention output, per head or channel",
+def _example(key, *, batch, seq, heads, kv_heads, head_dim):
+  q, k, v = registry.random_qkv(
+    key, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim
   )
+  gate = jax.nn.sigmoid(jax.random.normal(jax.random.fold_in(key, 1), (batch, seq, heads, 1)))
+  return (q, k, v, gate), {}
+
+
+registry.register(
+  "gated",
+  gated_attention,
+  family="softmax",
+  paper="Qiu et al. 2025, Gated Attention for Large Language Models (arXiv 2505.06708)",
+  description="sigmoid gate from the layer input on the attention output, per head or channel",
+  capabilities=registry.Capabilities(causal=True, mask=True, segment_ids=True),
+  impls=tuple(softmax_api.IMPLS),
+  defaults={"mask": masks.causal()},
+  module="attnjax.nn.softmax_variants:GatedAttention",
+  example=_example,
 )

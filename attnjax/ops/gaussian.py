@@ -17,8 +17,6 @@ Impl "reference" averages with a dense `[seq, seq]` matrix; "xla" uses prefix su
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -134,17 +132,27 @@ def _blocked(x, mean_offset, var_scale, *, causal, runs, eps):
 
 IMPLS = {"reference": _reference, "xla": _blocked}
 
+
+def _example(key, *, batch, seq, heads, kv_heads, head_dim):
+  del kv_heads
+  k_x, k_mean, k_var = jax.random.split(key, 3)
+  x = jax.random.normal(k_x, (batch, seq, heads, head_dim))
+  mean_offset = 0.1 * jax.random.normal(k_mean, (heads,))
+  var_scale = jnp.exp(0.1 * jax.random.normal(k_var, (heads,)))
+  return (x, mean_offset, var_scale), {}
+
+
 registry.register(
-  registry.Variant(
-    name="gaussian",
-    family="softmax",
-    paper="Ioannides et al. 2024, Gaussian Adaptive Attention is All You Need: Robust "
-    "Contextual Representations Across Multiple Modalities (arXiv 2401.11143)",
-    reference=functools.partial(gaussian_attention, impl="reference"),
-    impls={impl: functools.partial(gaussian_attention, impl=impl) for impl in IMPLS},
-    op=gaussian_attention,
-    module="attnjax.nn.softmax_variants:GaussianAttention",
-    capabilities=frozenset({"segment_ids"}),
-    description="per-head Gaussian density of each feature around learnable mean and variance",
-  )
+  "gaussian",
+  gaussian_attention,
+  family="softmax",
+  paper="Ioannides et al. 2024, Gaussian Adaptive Attention is All You Need: Robust "
+  "Contextual Representations Across Multiple Modalities (arXiv 2401.11143)",
+  description="per-head Gaussian density of each feature around learnable mean and variance",
+  capabilities=registry.Capabilities(
+    causal=True, bidirectional=True, causal_keyword=True, gqa=False, segment_ids=True
+  ),
+  impls=tuple(IMPLS),
+  module="attnjax.nn.softmax_variants:GaussianAttention",
+  example=_example,
 )

@@ -26,8 +26,6 @@ passes no gradient there either.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -171,18 +169,31 @@ def _skipping(q, k, v, head_weights, *, shape: QKVShape, block_q, segment_ids, q
 
 IMPLS = {"reference": _reference, "xla": _skipping}
 
-registry.register(
-  registry.Variant(
-    name="moh",
-    family="softmax",
-    paper="Jin et al. 2024, MoH: Multi-Head Attention as Mixture-of-Head Attention "
-    "(arXiv 2410.11842)",
-    reference=functools.partial(moh_attention, impl="reference"),
-    impls={impl: functools.partial(moh_attention, impl=impl) for impl in IMPLS},
-    op=moh_attention,
-    module="attnjax.nn.softmax_variants:MoHAttention",
-    capabilities=frozenset({"mask", "segment_ids", "gqa", "softcap", "aux_loss"}),
-    defaults={"mask": masks.causal()},
-    description="heads as experts: shared heads + top-k routed heads per token, balance loss",
+
+def _example(key, *, batch, seq, heads, kv_heads, head_dim):
+  q, k, v = registry.random_qkv(
+    key, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim
   )
+  keys = jax.random.split(jax.random.fold_in(key, 1), 3)
+  head_weights = moh_route(
+    jax.random.normal(keys[0], (batch, seq, 1)),
+    jax.random.normal(keys[1], (batch, seq, heads - 1)),
+    jax.random.normal(keys[2], (batch, seq, 2)),
+    top_k=1,
+  )[0]
+  return (q, k, v, head_weights), {"block_q": 8}
+
+
+registry.register(
+  "moh",
+  moh_attention,
+  family="softmax",
+  paper="Jin et al. 2024, MoH: Multi-Head Attention as Mixture-of-Head Attention "
+  "(arXiv 2410.11842)",
+  description="heads as experts: shared heads + top-k routed heads per token, balance loss",
+  capabilities=registry.Capabilities(causal=True, mask=True, segment_ids=True),
+  impls=tuple(IMPLS),
+  defaults={"mask": masks.causal()},
+  module="attnjax.nn.softmax_variants:MoHAttention",
+  example=_example,
 )

@@ -13,8 +13,6 @@ computes them from weights shared with the query and value projections.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 
 from attnjax import masks, registry
@@ -60,18 +58,26 @@ def selective_attention(
   return softmax_api.dot_product_attention(q, k, v, impl=impl, **attention_kwargs)
 
 
-registry.register(
-  registry.Variant(
-    name="selective",
-    family="softmax",
-    paper="Zhang et al. 2024, Selective Attention: Enhancing Transformer through Principled "
-    "Context Control (arXiv 2411.12892)",
-    reference=functools.partial(selective_attention, impl="reference"),
-    impls={impl: functools.partial(selective_attention, impl=impl) for impl in softmax_api.IMPLS},
-    op=selective_attention,
-    module="attnjax.nn.softmax_variants:SelectiveAttention",
-    capabilities=frozenset({"mask", "segment_ids", "gqa", "softcap", "sinks"}),
-    defaults={"mask": masks.causal()},
-    description="query temperature from the query and its position; per-token value scale",
+def _example(key, *, batch, seq, heads, kv_heads, head_dim):
+  q, k, v = registry.random_qkv(
+    key, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim
   )
+  k_q, k_v = jax.random.split(jax.random.fold_in(key, 1))
+  q_temp = jax.nn.softplus(jax.random.normal(k_q, (batch, seq, heads, 1)))
+  v_temp = jax.nn.sigmoid(jax.random.normal(k_v, (batch, seq, kv_heads, 1)))
+  return (q, k, v, q_temp, v_temp), {}
+
+
+registry.register(
+  "selective",
+  selective_attention,
+  family="softmax",
+  paper="Zhang et al. 2024, Selective Attention: Enhancing Transformer through Principled "
+  "Context Control (arXiv 2411.12892)",
+  description="query temperature from the query and its position; per-token value scale",
+  capabilities=registry.Capabilities(causal=True, mask=True, segment_ids=True, lse=True),
+  impls=tuple(softmax_api.IMPLS),
+  defaults={"mask": masks.causal()},
+  module="attnjax.nn.softmax_variants:SelectiveAttention",
+  example=_example,
 )

@@ -94,18 +94,29 @@ def merge_partial_attention(*parts: tuple[jax.Array, jax.Array]) -> jax.Array:
   )
 
 
-registry.register(
-  registry.Variant(
-    name="sinks",
-    family="softmax",
-    paper="Xiao et al. 2024, Efficient Streaming Language Models with Attention Sinks "
-    "(arXiv 2309.17453)",
-    reference=functools.partial(sink_attention, impl="reference"),
-    impls={impl: functools.partial(sink_attention, impl=impl) for impl in softmax_api.IMPLS},
-    op=sink_attention,
-    module="attnjax.nn.softmax_variants:SinkAttention",
-    capabilities=frozenset({"mask", "segment_ids", "gqa", "softcap", "sinks"}),
-    defaults={"mask": masks.causal()},
-    description="learned sink logit per head and optional learned sink tokens",
+def _example(key, *, batch, seq, heads, kv_heads, head_dim):
+  q, k, v = registry.random_qkv(
+    key, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim
   )
+  k_sinks, k_tokens = jax.random.split(jax.random.fold_in(key, 1))
+  sink_k, sink_v = jax.random.normal(k_tokens, (2, 2, kv_heads, head_dim))
+  return (q, k, v), {
+    "sinks": jax.random.normal(k_sinks, (heads,)),
+    "sink_k": sink_k,
+    "sink_v": sink_v,
+  }
+
+
+registry.register(
+  "sinks",
+  sink_attention,
+  family="softmax",
+  paper="Xiao et al. 2024, Efficient Streaming Language Models with Attention Sinks "
+  "(arXiv 2309.17453)",
+  description="learned sink logit per head and optional learned sink tokens",
+  capabilities=registry.Capabilities(causal=True, mask=True, segment_ids=True),
+  impls=tuple(softmax_api.IMPLS),
+  defaults={"mask": masks.causal()},
+  module="attnjax.nn.softmax_variants:SinkAttention",
+  example=_example,
 )

@@ -21,7 +21,6 @@ denominator over kv blocks (no running max is needed: softplus does not overflow
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -185,16 +184,19 @@ def _blocked(q, k, v, *, shape, causal, segment_ids, scale, train_len, power, q_
 IMPLS = {"reference": _reference, "xla": _blocked}
 
 registry.register(
-  registry.Variant(
-    name="softplus",
-    family="softmax",
-    paper="Gao & Spratling 2025, Softplus Attention with Re-weighting Boosts Length "
-    "Extrapolation in Large Language Models (arXiv 2501.13428)",
-    reference=functools.partial(softplus_attention, impl="reference"),
-    impls={impl: functools.partial(softplus_attention, impl=impl) for impl in IMPLS},
-    op=softplus_attention,
-    module="attnjax.nn.attention:Attention",
-    capabilities=frozenset({"segment_ids", "gqa"}),
-    description="softplus + l1 norm with log-length scale; optional power re-weighting",
-  )
+  "softplus",
+  softplus_attention,
+  family="softmax",
+  paper="Gao & Spratling 2025, Softplus Attention with Re-weighting Boosts Length "
+  "Extrapolation in Large Language Models (arXiv 2501.13428)",
+  description="softplus + l1 norm with log-length scale; optional power re-weighting",
+  capabilities=registry.Capabilities(
+    causal=True, bidirectional=True, causal_keyword=True, segment_ids=True
+  ),
+  impls=tuple(IMPLS),
+  module="attnjax.nn.attention:Attention",
+  example=lambda key, **sizes: (
+    registry.random_qkv(key, **sizes),
+    {"train_len": 8, "reweight_power": 3.0, "block_kv": 8},
+  ),
 )

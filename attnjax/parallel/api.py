@@ -11,14 +11,12 @@ Strategies by family:
   softmax (`dot_product_attention`): "ring" (zigzag by default), "allgather", "ulysses";
   linear (`linear_attention`): "lasp2", "zeco".
 "lasp2h" (hybrid models, LASP-2H) is "allgather" for softmax ops and "lasp2" for linear ops.
-`op` may also be a `functools.partial` of either op, a registered variant that only presets
-their keywords (`"gla"`, `"linear"`, `"based"`: the keywords become defaults), a mask preset
-of `dot_product_attention` (`"softmax"`, `"sliding_window"`, `"chunked"`, `"prefix_lm"`: its
-options, e.g. `window=`, become the mask) or, for "ulysses" only, any registered softmax
-variant (it fixes its own mask out of sight, which the other strategies must shift per
-chunk). The constant-decay linear variants ("lightning", "retention") compute their per-head
-decay from the head count (`attnjax.ops.linear.variants.DECAY_PRESETS`), which every shard
-receives.
+`op` may also be a `functools.partial` of either op, or a registered variant (its name, the
+`Variant`, or a keyword partial of its op) whose `capabilities.split` says how it splits:
+"mask" (the mask presets "softmax", "sliding_window", ...: their options, e.g. `window=`,
+become the mask of `dot_product_attention`), "state" (variants presetting `linear_attention`'s
+keywords or a per-head decay computed from the head count, which every shard receives), or
+"heads" (Ulysses only: the variant's own op runs whole sequences for a subset of heads).
 """
 
 from __future__ import annotations
@@ -34,8 +32,7 @@ import numpy as np
 from attnjax import masks as masks_lib
 from attnjax import registry
 from attnjax.ops.linear import linear_attention
-from attnjax.ops.linear import variants as linear_variants
-from attnjax.ops.softmax import dot_product_attention, variants
+from attnjax.ops.softmax import dot_product_attention
 from attnjax.parallel import allgather, blocks, lasp2, ring, ulysses, zeco
 from attnjax.parallel import mesh as mesh_lib
 
@@ -60,58 +57,58 @@ _LINEAR_ARGS = frozenset(inspect.signature(linear_attention).parameters) - {"q",
 def _resolve(op) -> tuple[Callable, str, Callable[[dict, int], dict], bool]:
   """(base op, family, (call keywords, query heads) -> base op keywords, opaque) of `op`.
 
-  Opaque: a softmax variant that fixes its mask out of sight (only ulysses can run it).
+  A registered variant is read from its capabilities: split "mask" / "state" runs the base op
+  on the keywords its `preset` gives; split "heads" runs the variant's own op, opaquely (only
+  Ulysses can: it never shifts a mask).
   """
   if isinstance(op, str):
     op = registry.get(op)
+  if isinstance(op, registry.Variant):
+    variant = op
+    split = variant.capabilities.split
+    if split is None:
+      raise _unsupported(variant.name)
+    if split == "heads":
+      return variant.op, "softmax", lambda kwargs, heads: {**variant.defaults, **kwargs}, True
+    base, family = BASE_OPS[split]
+    return (
+      base,
+      family,
+      lambda kwargs, heads: variant.preset({**variant.defaults, **kwargs}, heads),
+      False,
+    )
   fixed: dict = {}
-  if isinstance(op, registry.Variant) and (
-    op.op in (dot_product_attention, linear_attention)
-    or op.op in variants.MASK_PRESETS
-    or op.op in linear_variants.DECAY_PRESETS
-  ):
-    op, fixed = op.op, dict(op.defaults)  # a variant that only presets keywords of a base op
   while isinstance(op, functools.partial):
     fixed = {**op.keywords, **fixed}
     if op.args:
       raise ValueError(f"op may be a partial with keywords only, got positional args {op.args}")
     op = op.func
-  if isinstance(op, registry.Variant):  # a variant computing more than a base op: opaque
-    if op.family != "softmax":
-      raise _unsupported(op)
-    return op.op, "softmax", lambda kwargs, heads: {**op.defaults, **kwargs}, True
+  by_op = {variant.op: variant for variant in map(registry.get, registry.names())}
+  if op in by_op and op not in (dot_product_attention, linear_attention):
+    base, family, prepare, opaque = _resolve(by_op[op])
+    return base, family, lambda kwargs, heads: prepare({**fixed, **kwargs}, heads), opaque
 
   def merged(kwargs: dict, heads: int) -> dict:
     return {**fixed, **kwargs}
 
-  if op in variants.MASK_PRESETS:  # its options (e.g. window=) become the call's mask
-    return (
-      dot_product_attention,
-      "softmax",
-      lambda kwargs, heads: variants.preset_call(op, merged(kwargs, heads)),
-      False,
-    )
-  if op in linear_variants.DECAY_PRESETS:  # a decay computed from the head count
-    return (
-      linear_attention,
-      "linear",
-      lambda kwargs, heads: linear_variants.decay_preset_call(op, heads, merged(kwargs, heads)),
-      False,
-    )
   if op is dot_product_attention:
     return op, "softmax", merged, False
   if op is linear_attention:
     return op, "linear", merged, False
-  raise _unsupported(op)
+  raise _unsupported(getattr(op, "__name__", op))
 
 
-def _unsupported(op) -> ValueError:
+# The base op and family of each split that runs a base op's strategies.
+BASE_OPS = {"mask": (dot_product_attention, "softmax"), "state": (linear_attention, "linear")}
+
+
+def _unsupported(name) -> ValueError:
+  splittable = [n for n in registry.names() if registry.get(n).capabilities.split is not None]
   return ValueError(
-    f"sequence_parallel supports attnjax.ops.dot_product_attention, "
-    f"attnjax.ops.linear_attention, keyword partials, variants presetting their keywords "
-    f"(e.g. 'gla', 'linear', 'based'), the mask presets ('softmax', 'sliding_window', "
-    f"'chunked', 'prefix_lm') and, with strategy 'ulysses', any softmax variant; "
-    f"got {getattr(op, 'name', op)!r}"
+    f"sequence_parallel takes attnjax.ops.dot_product_attention, "
+    f"attnjax.ops.linear_attention, keyword partials of them, and the variants whose "
+    f"capabilities declare a split ({splittable}) or keyword partials of their ops; "
+    f"got {name!r}"
   )
 
 
@@ -150,7 +147,7 @@ def sequence_parallel(
     raise ValueError(
       f"strategy {strategy!r} must shift the mask per chunk and needs "
       f"functools.partial(dot_product_attention, mask=...) or a mask preset rather than "
-      f"{func.__name__!r}; only 'ulysses' takes a variant as it is"
+      f"{func.__name__!r}; only 'ulysses' takes a variant that splits by heads as it is"
     )
   mesh_lib.axis_size(mesh, axis)
   options = {"mesh": mesh, "axis": axis, "batch_axes": batch_axes, **strategy_options}

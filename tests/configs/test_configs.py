@@ -14,7 +14,7 @@ from attnjax.training import config as config_lib
 from configs import mqar, pod_lm_1b, text_lm
 
 
-@pytest.mark.parametrize("name", sorted(set(registry.names()) - mqar.NOT_CAUSAL))
+@pytest.mark.parametrize("name", mqar.causal_presets())
 @pytest.mark.parametrize("hybrid", [False, True], ids=["alone", "hybrid"])
 def test_every_variant_alone_and_in_a_hybrid_is_a_buildable_mqar_preset(name, hybrid):
   config = mqar.get_config(mqar.HYBRID_PREFIX + name if hybrid else name)
@@ -27,7 +27,7 @@ def test_every_variant_alone_and_in_a_hybrid_is_a_buildable_mqar_preset(name, hy
   assert logits.shape == (2, config.data.mqar.seq_len, config.model.vocab_size)
 
 
-@pytest.mark.parametrize("name", sorted(mqar.NOT_CAUSAL))
+@pytest.mark.parametrize("name", sorted(set(registry.names()) - set(mqar.causal_presets())))
 def test_bidirectional_variants_are_not_mqar_presets(name):
   with pytest.raises(ValueError, match="bidirectional"):
     mqar.get_config(name)

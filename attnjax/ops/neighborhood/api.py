@@ -8,6 +8,7 @@ Both validate their arguments, turn them into per-axis windows (`window.py`) and
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 
@@ -30,7 +31,7 @@ def neighborhood_attention(
   *,
   kernel_size: int | tuple[int, ...],
   dilation: int | tuple[int, ...] = 1,
-  is_causal: bool | tuple[bool, ...] = False,
+  causal: bool | tuple[bool, ...] = False,
   scale: float | None = None,
   impl: str = "auto",
   block_sizes: blockwise.BlockSizes | None = None,
@@ -41,7 +42,7 @@ def neighborhood_attention(
   Hassani & Shi 2022, "Dilated Neighborhood Attention Transformer" (arXiv 2209.15001).
   Along every axis a query attends to exactly `kernel_size` neighbors of its dilation group
   (`position % dilation`), centered on it and shifted inward at the borders, so every query
-  sees the same number of keys; with `is_causal` on an axis, only neighbors at or before it.
+  sees the same number of keys; with `causal` on an axis, only neighbors at or before it.
 
   Args:
     q: `[batch, *spatial, heads, head_dim]` with 1, 2 or 3 spatial axes.
@@ -49,7 +50,7 @@ def neighborhood_attention(
     v: `[batch, *spatial, kv_heads, value_dim]`.
     kernel_size: odd window size, one int for every axis or one per axis.
     dilation: int or per-axis; `kernel_size * dilation` must not exceed the axis size.
-    is_causal: bool or per-axis.
+    causal: bool or per-axis (causal on every axis: position t reads no later position).
     scale: logit scale; None means `head_dim ** -0.5`.
     impl: "reference" | "xla" | "pallas" | "pallas_interpret" | "auto".
     block_sizes: tile shape of the tiled implementations (None: a default per impl).
@@ -60,11 +61,11 @@ def neighborhood_attention(
   spatial = check_spatial_qkv(q, k, v)
   n = len(spatial)
   windows = tuple(
-    window.Neighborhood(size, dil, causal)
-    for size, dil, causal in zip(
+    window.Neighborhood(size, dil, axis_causal)
+    for size, dil, axis_causal in zip(
       per_axis("kernel_size", kernel_size, n, int),
       per_axis("dilation", dilation, n, int),
-      per_axis("is_causal", is_causal, n, bool),
+      per_axis("causal", causal, n, bool),
       strict=True,
     )
   )
@@ -135,29 +136,37 @@ def per_axis(name: str, value, n: int, kind: type) -> tuple:
 
 
 def register_local(
-  name,
-  op,
-  paper,
-  description,
-  module="attnjax.nn.local:LocalAttention",
-  impls=IMPLS,
-  defaults=None,
+  name, op, paper, description, *, module="attnjax.nn.local:LocalAttention", **options
 ):
-  """Registers a local-attention variant whose `op` dispatches over `impls`."""
+  """Registers a bidirectional local-attention variant on `[batch, *spatial, heads, dim]`."""
   registry.register(
-    registry.Variant(
-      name=name,
-      family="neighborhood",
-      paper=paper,
-      reference=functools.partial(op, impl="reference"),
-      impls={impl: functools.partial(op, impl=impl) for impl in impls},
-      op=op,
-      module=module,
-      capabilities=frozenset({"gqa", "spatial"}),
-      defaults=defaults or {},
-      description=description,
-    )
+    name,
+    op,
+    family="neighborhood",
+    paper=paper,
+    description=description,
+    module=module,
+    **{
+      "capabilities": registry.Capabilities(causal=False, bidirectional=True, spatial=True),
+      "impls": tuple(IMPLS),
+      "example": spatial_example,
+      **options,
+    },
   )
+
+
+def spatial_example(
+  key, *, batch, seq, heads, kv_heads, head_dim, spatial=None, options=None
+) -> tuple[tuple, dict]:
+  """Random q, k, v on a 2-D grid of about `seq` tokens (or on `spatial`), and `options`."""
+  rows = max(2, math.isqrt(seq))
+  spatial = spatial or (rows, seq // rows)
+  k_q, k_k, k_v = jax.random.split(key, 3)
+  return (
+    jax.random.normal(k_q, (batch, *spatial, heads, head_dim)),
+    jax.random.normal(k_k, (batch, *spatial, kv_heads, head_dim)),
+    jax.random.normal(k_v, (batch, *spatial, kv_heads, head_dim)),
+  ), dict(options or {})
 
 
 register_local(
@@ -166,4 +175,10 @@ register_local(
   "Hassani et al. 2023, Neighborhood Attention Transformer (arXiv 2204.07143)",
   "NATTEN neighborhoods in 1-3 D: kernel_size, dilation, causal per axis",
   defaults={"kernel_size": 7},
+  capabilities=registry.Capabilities(
+    causal=True, bidirectional=True, causal_keyword=True, spatial=True
+  ),
+  example=functools.partial(
+    spatial_example, spatial=(7, 9), options={"kernel_size": (3, 5), "dilation": (2, 1)}
+  ),
 )

@@ -206,6 +206,9 @@ api.register_local(
   halo_attention,
   "Vaswani et al. 2021, Scaling Local Self-Attention (HaloNet, arXiv 2103.12731)",
   "query blocks attend to their block plus a halo",
+  example=functools.partial(
+    api.spatial_example, spatial=(6, 8), options={"block_size": (2, 4), "halo_size": 1}
+  ),
 )
 api.register_local(
   "maxvit",
@@ -213,11 +216,17 @@ api.register_local(
   "Tu et al. 2022, MaxViT: Multi-Axis Vision Transformer (arXiv 2204.01697)",
   "block attention then grid (dilated) attention",
   module="attnjax.nn.local:MultiAxisAttention",
+  example=functools.partial(
+    api.spatial_example, spatial=(6, 8), options={"partition": "grid", "window_size": 2}
+  ),
 )
 api.register_local(
   "biformer",
   biformer_attention,
   "Zhu et al. 2023, BiFormer: Bi-Level Routing Attention (arXiv 2303.08125)",
   "region top-k routing, then attention over the routed regions",
-  impls=BIFORMER_IMPLS,
+  impls=tuple(BIFORMER_IMPLS),
+  example=functools.partial(
+    api.spatial_example, spatial=(8, 8), options={"region_size": 2, "topk": 3}
+  ),
 )

@@ -14,9 +14,7 @@ from attnjax.ops import linear_attention
 from attnjax.ops.linear import agent, decay, flowformer, lightnet, variants
 from tests.helpers import TOL_BLOCKED_F32, TOL_EXACT_F32, assert_close
 
-LINEAR_VARIANTS = [
-  "linear", "lightning", "retention", "gla", "based", "lightnet", "flowformer", "agent",
-]  # fmt: skip
+LINEAR_VARIANTS = [n for n in registry.names() if registry.get(n).family == "linear"]
 
 
 def qkv(seed, batch=2, seq=23, heads=4, kv_heads=2, head_dim=8, value_dim=6):

@@ -62,11 +62,9 @@ def check_against_reference(impl, spatial, heads=2, kv_heads=1, head_dim=12, dty
 
 CASES = {
   "1d_odd_dilated": dict(spatial=(37,), kernel_size=7, dilation=3),
-  "1d_causal_gqa4": dict(spatial=(29,), kernel_size=9, is_causal=True, heads=4, kv_heads=1),
+  "1d_causal_gqa4": dict(spatial=(29,), kernel_size=9, causal=True, heads=4, kv_heads=1),
   "2d_odd_mixed_hd60": dict(spatial=(13, 11), kernel_size=(3, 5), dilation=(2, 1), head_dim=60),
-  "2d_causal_axis": dict(
-    spatial=(9, 10), kernel_size=5, is_causal=(False, True), heads=3, kv_heads=3
-  ),
+  "2d_causal_axis": dict(spatial=(9, 10), kernel_size=5, causal=(False, True), heads=3, kv_heads=3),
   "3d": dict(spatial=(5, 6, 7), kernel_size=(3, 3, 5), dilation=(1, 2, 1), heads=2, kv_heads=2),
 }
 
@@ -88,7 +86,7 @@ def test_pallas_interpret_matches_reference_float32(case):
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 def test_matches_reference_bfloat16(impl):
   check_against_reference(
-    impl, (12, 13), kernel_size=5, dilation=(1, 2), is_causal=(True, False), dtype=jnp.bfloat16
+    impl, (12, 13), kernel_size=5, dilation=(1, 2), causal=(True, False), dtype=jnp.bfloat16
   )
 
 
@@ -102,12 +100,10 @@ def test_uneven_block_sizes():
   spatial=st.lists(st.integers(3, 12), min_size=1, max_size=2).map(tuple),
   kernel_size=st.just(3),
   dilation=st.integers(1, 3),
-  is_causal=st.booleans(),
+  causal=st.booleans(),
   kv_heads=st.sampled_from([1, 2]),
 )
-def test_xla_matches_reference_on_random_shapes(
-  spatial, kernel_size, dilation, is_causal, kv_heads
-):
+def test_xla_matches_reference_on_random_shapes(spatial, kernel_size, dilation, causal, kv_heads):
   dilation = min(dilation, min(spatial) // kernel_size)
   check_against_reference(
     "xla",
@@ -116,7 +112,7 @@ def test_xla_matches_reference_on_random_shapes(
     kv_heads=kv_heads,
     kernel_size=kernel_size,
     dilation=dilation,
-    is_causal=is_causal,
+    causal=causal,
   )
 
 
@@ -159,7 +155,7 @@ def test_pallas_is_unsupported_off_tpu_and_gpu():
     (((2, 8, 2, 4), (2, 8, 2, 4)), dict(kernel_size=5, dilation=2), "kernel_size \\* dilation"),
     (((2, 8, 8, 2, 4), (2, 8, 8, 2, 4)), dict(kernel_size=(3, 3, 3)), "1 or 2 values"),
     (((2, 8, 8, 2, 4), (2, 8, 8, 2, 4)), dict(kernel_size=3.0), "int"),
-    (((2, 8, 8, 2, 4), (2, 8, 8, 2, 4)), dict(kernel_size=3, is_causal=1), "bool"),
+    (((2, 8, 8, 2, 4), (2, 8, 8, 2, 4)), dict(kernel_size=3, causal=1), "bool"),
     (((2, 8, 7, 2, 4), (2, 8, 8, 2, 4)), dict(kernel_size=3), "spatial shape"),
     (((2, 8, 3, 4), (2, 8, 2, 4)), dict(kernel_size=3), "multiple"),
     (((2, 2, 2, 2, 8, 3, 4), (2, 2, 2, 2, 8, 3, 4)), dict(kernel_size=1), "1 to 3 spatial"),
