@@ -1,5 +1,6 @@
 """Pieces shared by the block-sparse kernels: block sizes, the tile lists they iterate over, the
-argument checks and the backward pass around their dq and dk/dv kernels.
+static settings of a call, argument checks, the kernels' operands and the backward pass around
+their dq and dk/dv kernels.
 
 The kernels depend on jax only: `attnjax.masks.BlockMask` is converted to a `MaskInfo` by
 `attnjax.ops.softmax.pallas` before the call.
