@@ -372,8 +372,23 @@ class PerHead(Mask):
     return may, must
 
 
+def _check_concrete(name: str, value) -> None:
+  """Masks are static: their block analysis runs in numpy, outside any trace."""
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value)):
+    shape = getattr(value, "shape", None)
+    raise ValueError(
+      f"{name} is a traced value (shape {shape}) but masks are static: tile analysis "
+      f"(`block_mask`) runs in numpy before compilation. Build the mask outside `jax.jit` "
+      f"from concrete values and pass it in (closed over, or as a static argument); "
+      f"for data-dependent masking pass `segment_ids`"
+    )
+
+
 def _check_nonneg_int(name: str, value, minimum: int = 0) -> int:
-  if not isinstance(value, int | np.integer) or value < minimum:
+  _check_concrete(name, value)
+  if isinstance(value, jax.Array | np.ndarray) and value.ndim == 0:
+    value = value.item()
+  if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < minimum:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
   return int(value)
 
@@ -423,6 +438,7 @@ def power(base: int = 2) -> Mask:
 
 def from_array(mask: np.ndarray | jax.Array) -> Mask:
   """A concrete boolean mask `[q_len, kv_len]` or per-head `[heads, q_len, kv_len]`."""
+  _check_concrete("mask", mask)
   array = np.asarray(mask)
   if array.dtype != bool or array.ndim not in (2, 3):
     raise ValueError(
@@ -434,6 +450,7 @@ def from_array(mask: np.ndarray | jax.Array) -> Mask:
 
 def block_pattern(bits: np.ndarray | jax.Array, block_q: int, block_kv: int) -> Mask:
   """Block-level boolean pattern `bits [q_blocks, kv_blocks]` over blocks of the given sizes."""
+  _check_concrete("bits", bits)
   array = np.asarray(bits)
   if array.dtype != bool or array.ndim != 2:
     raise ValueError(
@@ -446,6 +463,7 @@ def block_pattern(bits: np.ndarray | jax.Array, block_q: int, block_kv: int) -> 
 
 def documents(lengths: Sequence[int]) -> Mask:
   """Block-diagonal mask of documents with the given lengths (static varlen packing)."""
+  _check_concrete("lengths", lengths)
   lengths = np.asarray(lengths, np.int64)
   if lengths.ndim != 1 or len(lengths) == 0 or (lengths < 1).any():
     raise ValueError(f"lengths must be a non-empty list of positive ints, got {lengths.tolist()}")

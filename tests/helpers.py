@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,3 +96,10 @@ def assert_matches_reference(fn, reference, args: tuple, kwargs: dict, tol: floa
     assert_close(x, ref, tol, f"{what}: output {i}")
   for i, (g, ref) in enumerate(zip(grads, ref_grads, strict=True)):
     assert_close(g, ref, 2 * tol, f"{what}: gradient of float input {i}")
+
+
+@functools.cache
+def seq_mesh(parts: int = 4) -> jax.sharding.Mesh:
+  """A 1-D mesh with axis "seq" over the first `parts` (simulated) devices, Auto axis types."""
+  auto = jax.sharding.AxisType.Auto
+  return jax.make_mesh((parts,), ("seq",), axis_types=(auto,), devices=jax.devices()[:parts])

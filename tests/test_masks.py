@@ -2,6 +2,8 @@
 
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
@@ -174,3 +176,21 @@ def test_block_mask_for_a_million_tokens_is_analytic(mask):
 def test_bad_arguments_raise_value_error(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+@pytest.mark.parametrize(
+  "build, name",
+  [
+    (lambda x: masks.from_array(x > 0), "mask"),
+    (lambda x: masks.block_pattern(x > 0, 2, 2), "bits"),
+    (lambda x: masks.sliding_window(x.shape[0] + jnp.int32(x[0, 0] > 0)), "left"),
+    (lambda x: masks.chunked(jnp.sum(x > 0).astype(jnp.int32)), "size"),
+    (lambda x: masks.documents([jnp.int32(2), jnp.sum(x > 0)]), "lengths"),
+  ],
+  ids=["from_array", "block_pattern", "sliding_window", "chunked", "documents"],
+)
+def test_a_mask_built_from_a_traced_value_says_to_build_it_outside_jit(build, name):
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 4)))
+  with pytest.raises(ValueError, match=f"{name} is a traced value .*outside `jax.jit`"):
+    jax.jit(build)(x)
+  assert isinstance(build(x), masks.Mask)  # the same call on concrete values builds

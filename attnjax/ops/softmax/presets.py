@@ -79,7 +79,7 @@ def prefix_lm_attention(q, k, v, *, prefix_len: int = 0, impl="auto", **kwargs):
 _CAPABILITIES = registry.Capabilities(causal=True, segment_ids=True, lse=True, split="mask")
 
 
-def _register(name, op, make_mask, paper, description):
+def _register(name, op, make_mask, paper, description, **example_options):
   registry.register(
     name,
     op,
@@ -90,6 +90,7 @@ def _register(name, op, make_mask, paper, description):
     impls=tuple(api.IMPLS),
     preset=functools.partial(mask_keywords, make_mask),
     module="attnjax.nn.attention:Attention",
+    example=lambda key, **sizes: (registry.random_qkv(key, **sizes), dict(example_options)),
   )
 
 
@@ -106,6 +107,7 @@ _register(
   sliding_window_mask,
   "Beltagy et al. 2020, Longformer",
   "causal softmax over the last `window` keys",
+  window=5,
 )
 _register(
   "chunked",
@@ -113,6 +115,7 @@ _register(
   chunked_mask,
   "Meta 2025, Llama 4 (chunked local attention)",
   "causal softmax within chunks of `chunk_size`",
+  chunk_size=7,
 )
 _register(
   "prefix_lm",
