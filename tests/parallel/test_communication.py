@@ -1,7 +1,5 @@
 """Collectives read from compiled HLO: LASP-2 and ZeCO send state-sized messages only."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -9,16 +7,11 @@ import pytest
 from attnjax import masks
 from attnjax.ops import dot_product_attention, linear_attention
 from attnjax.parallel import comms, sequence_parallel
+from tests.helpers import seq_mesh
 
 PARTS = 4
 BATCH, HEADS, DIM = 1, 2, 8
 STATE_BYTES = BATCH * HEADS * DIM * DIM * 4
-
-
-@functools.cache
-def seq_mesh():
-  auto = (jax.sharding.AxisType.Auto,)
-  return jax.make_mesh((PARTS,), ("seq",), axis_types=auto, devices=jax.devices()[:PARTS])
 
 
 def _train_step_collectives(strategy, seq_len):

@@ -13,14 +13,9 @@ from attnjax import masks, registry
 from attnjax.ops import dot_product_attention
 from attnjax.parallel import mesh as mesh_lib
 from attnjax.parallel import ring, sequence_parallel
-from tests.helpers import assert_close, random_normal, tolerance
+from tests.helpers import assert_close, random_normal, seq_mesh, tolerance
 
 AUTO = jax.sharding.AxisType.Auto
-
-
-@functools.cache
-def seq_mesh(parts=4):
-  return jax.make_mesh((parts,), ("seq",), axis_types=(AUTO,), devices=jax.devices()[:parts])
 
 
 def _inputs(seed, batch, seq, heads, kv_heads, head_dim, dtype):
