@@ -76,7 +76,9 @@ class Capabilities:
   def __post_init__(self):
     if self.split not in SPLITS:
       raise ValueError(f"split must be one of {SPLITS}, got split={self.split!r}")
-    if self.causal_keyword != (self.causal and self.bidirectional):
+    if self.causal_keyword != (self.causal and self.bidirectional) or not (
+      self.causal or self.bidirectional
+    ):
       raise ValueError(
         "a variant is causal or bidirectional; it has both forms exactly when it takes a "
         "causal= keyword (causal_keyword=True)"

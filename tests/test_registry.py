@@ -5,9 +5,11 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 import attnjax as aj
 from attnjax import registry
+from configs import mqar
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -73,3 +75,93 @@ def test_intercept_sees_each_call_with_the_variants_defaults_and_is_removed_afte
   outside = registry.get("linear")(q, q, q, impl="reference")
   assert seen == [("linear", ["feature_map", "impl", "normalize"])]
   assert jnp.array_equal(inside, outside)
+
+
+@pytest.mark.parametrize(
+  "fields, match",
+  [
+    (dict(causal=True, bidirectional=True), "causal= keyword"),
+    (dict(causal=False, causal_keyword=True), "causal= keyword"),
+    (dict(causal=False, bidirectional=False), "causal= keyword"),
+    (dict(causal=True, split="rows"), "split must be one of"),
+    (dict(causal=True, split="heads"), "needs an op that returns its lse"),
+    (dict(causal=False, bidirectional=True, split="state"), "only causal variants"),
+  ],
+)
+def test_capabilities_refuse_contradictions(fields, match):
+  with pytest.raises(ValueError, match=match):
+    registry.Capabilities(**fields)
+
+
+def _squared_relu_attention(q, k, v, *, impl="auto"):
+  """A variant defined in a test: causal `relu(q k^T * scale)^2 v` (no paper)."""
+  del impl
+  scale = q.shape[-1] ** -0.5
+  k, v = (jnp.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))
+  scores = jax.nn.relu(jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale) ** 2
+  scores = jnp.where(jnp.tril(jnp.ones(scores.shape[-2:], bool)), scores, 0.0)
+  return jnp.einsum("bhqk,bkhd->bqhd", scores, v)
+
+
+@pytest.fixture
+def squared_relu():
+  caps = registry.Capabilities(causal=True)
+  variant = registry.register(
+    "squared_relu",
+    _squared_relu_attention,
+    family="softmax",
+    paper="(test)",
+    description="causal squared-relu attention",
+    capabilities=caps,
+    impls=("reference",),
+    module="attnjax.nn.attention:Attention",
+  )
+  yield variant
+  del registry._REGISTRY["squared_relu"]
+
+
+def test_a_registered_variant_reaches_configs_models_and_the_table_with_no_other_edit(
+  squared_relu,
+):
+  assert "squared_relu" in registry.names() and "squared_relu" in mqar.causal_presets()
+  config = mqar.get_config("hybrid_squared_relu")
+  assert config.model.layer_pattern == "squared_relu,softmax"
+  assert "| `squared_relu` | softmax | reference | causal, gqa |" in registry.markdown_table()
+  model = aj.nn.DecoderLM(
+    vocab_size=16,
+    embed_dim=16,
+    depth=2,
+    num_heads=2,
+    mlp_dim=0,
+    rngs=nnx.Rngs(0),
+    layer_pattern=config.model.layer_pattern,
+  )
+  logits = model(jnp.zeros((1, 5), jnp.int32) + jnp.arange(5))
+  assert logits.shape == (1, 5, 16) and bool(jnp.all(jnp.isfinite(logits)))
+  (args, kwargs) = squared_relu.example_inputs(jax.random.key(0))
+  assert squared_relu.reference(*args, **kwargs).shape == args[0].shape
+
+
+@pytest.mark.parametrize(
+  "options, match",
+  [
+    (dict(impls=("xla",)), "must include 'reference'"),
+    (dict(impls=("reference", "triton")), "must include 'reference'"),
+    (dict(family="conv"), "family"),
+    (dict(capabilities=registry.Capabilities(causal=True, lse=True, split="mask")), "preset"),
+    (dict(name="softmax"), "already registered"),
+  ],
+)
+def test_register_refuses_an_inconsistent_declaration(options, match):
+  declaration = dict(
+    name="bad",
+    op=_squared_relu_attention,
+    family="softmax",
+    paper="(test)",
+    description="",
+    capabilities=registry.Capabilities(causal=True),
+  )
+  declaration.update(options)
+  with pytest.raises(ValueError, match=match):
+    registry.register(declaration.pop("name"), declaration.pop("op"), **declaration)
+  assert "bad" not in registry.names()

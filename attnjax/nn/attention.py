@@ -109,10 +109,21 @@ class Attention(nnx.Module):
     return x, q, k, v
 
   def attend(self, q, k, v, *args, segment_ids=None, **kwargs) -> jax.Array:
-    """The registered variant's op with this mixer's `impl` and static options."""
+    """The registered variant's op with this mixer's `impl` and static options.
+
+    `segment_ids` reaches ops that declare them (`capabilities.segment_ids`); for any other
+    op packed sequences are a `ValueError`.
+    """
     options = {**dict(self.variant_options), **kwargs}
+    if segment_ids is not None:
+      if not registry.get(self.variant).capabilities.segment_ids:
+        raise ValueError(
+          f"variant {self.variant!r} does not take segment_ids (packed sequences); got "
+          f"segment_ids of shape {segment_ids.shape}: pass segment_ids=None"
+        )
+      options["segment_ids"] = segment_ids
     op = variant_op(self.variant, self.seq_parallel)
-    return op(q, k, v, *args, segment_ids=segment_ids, impl=self.impl, **options)
+    return op(q, k, v, *args, impl=self.impl, **options)
 
   def project_out(self, heads_out: jax.Array) -> jax.Array:
     """`[batch, seq, heads, head_dim]` -> `[batch, seq, embed]`."""
