@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import pkgutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -343,9 +344,14 @@ def capability_summary(capabilities: Capabilities) -> str:
   return ", ".join(flags)
 
 
+@functools.cache
 def _load_builtin_variants() -> None:
-  # Registration happens when an op module is imported; importing the ops package loads all.
-  import attnjax.ops  # noqa: F401
+  """Imports every module under `attnjax.ops`: a variant registers where its op is defined,
+  so a new op file is found without being listed anywhere."""
+  import attnjax.ops
+
+  for module in pkgutil.walk_packages(attnjax.ops.__path__, "attnjax.ops."):
+    importlib.import_module(module.name)
 
 
 README_START, README_END = "<!-- variants:start -->", "<!-- variants:end -->"
