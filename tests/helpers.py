@@ -38,12 +38,13 @@ def tolerance(dtype, blocked: bool = True) -> float:
   return TOL_BLOCKED_F32 if blocked else TOL_EXACT_F32
 
 
+def _is_float_array(x) -> bool:
+  return isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.floating)
+
+
 def float_leaves(tree) -> list[bool]:
   """Which leaves of `tree` are floating-point arrays (the ones gradients are taken of)."""
-  return [
-    isinstance(leaf, jax.Array | np.ndarray) and jnp.issubdtype(leaf.dtype, jnp.floating)
-    for leaf in jax.tree.leaves(tree)
-  ]
+  return [_is_float_array(leaf) for leaf in jax.tree.leaves(tree)]
 
 
 def jit_call(fn, args: tuple, kwargs: dict):
@@ -89,9 +90,13 @@ def value_and_grads(fn, args: tuple, kwargs: dict, seed: int = 0):
 
 def assert_matches_reference(fn, reference, args: tuple, kwargs: dict, tol: float, what: str):
   """`fn` equals `reference` on `(args, kwargs)`: outputs within `tol`, gradients with respect
-  to every floating-point input within `2 * tol` (DESIGN.md's relative errors)."""
+  to every floating-point input within `2 * tol` (DESIGN.md's relative errors). The reference
+  runs on float32 copies of the floating-point inputs (it is the float32 oracle)."""
   out, grads = value_and_grads(fn, args, kwargs)
-  ref_out, ref_grads = value_and_grads(reference, args, kwargs)
+  ref_args, ref_kwargs = jax.tree.map(
+    lambda x: x.astype(jnp.float32) if _is_float_array(x) else x, (args, kwargs)
+  )
+  ref_out, ref_grads = value_and_grads(reference, ref_args, ref_kwargs)
   for i, (x, ref) in enumerate(zip(jax.tree.leaves(out), jax.tree.leaves(ref_out), strict=True)):
     assert_close(x, ref, tol, f"{what}: output {i}")
   for i, (g, ref) in enumerate(zip(grads, ref_grads, strict=True)):

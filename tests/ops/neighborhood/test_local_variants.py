@@ -16,7 +16,7 @@ from attnjax.ops.neighborhood import (
   maxvit_attention,
   route_regions,
 )
-from tests.helpers import assert_close, random_normal, tolerance
+from tests.helpers import assert_close, assert_matches_reference, random_normal, tolerance
 
 
 def _qkv(seed, spatial, heads=2, kv_heads=1, head_dim=8, dtype=jnp.float32, batch=2):
@@ -149,21 +149,9 @@ def test_biformer_matches_loops_and_routing():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_biformer_gather_matches_reference_with_gradients(dtype):
   q, k, v = _qkv(4, (6, 9), heads=2, kv_heads=1, dtype=dtype)
-  d_out = random_normal(jax.random.PRNGKey(5), q.shape)
-
-  def value_and_grads(impl, q, k, v):
-    run = functools.partial(biformer_attention, region_size=3, topk=3, impl=impl)
-    out, vjp = jax.vjp(run, q, k, v)
-    return out, vjp(d_out.astype(out.dtype))
-
-  out, grads = jax.jit(functools.partial(value_and_grads, "xla"))(q, k, v)
-  ref, ref_grads = jax.jit(functools.partial(value_and_grads, "reference"))(
-    *(x.astype(jnp.float32) for x in (q, k, v))
-  )
-  tol = tolerance(dtype)
-  assert_close(out, ref, tol, "biformer out")
-  for name, g, g_ref in zip("qkv", grads, ref_grads, strict=True):
-    assert_close(g, g_ref, 2 * tol, f"biformer d{name}")
+  run = functools.partial(biformer_attention, region_size=3, topk=3)
+  fast, reference = (functools.partial(run, impl=impl) for impl in ("xla", "reference"))
+  assert_matches_reference(fast, reference, (q, k, v), {}, tolerance(dtype), "biformer")
 
 
 def test_variants_are_registered_with_mixers():

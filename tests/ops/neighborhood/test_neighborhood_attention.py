@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from attnjax import ops, registry
 from attnjax.ops.neighborhood import BlockSizes, neighborhood_attention
-from tests.helpers import assert_close, random_normal, tolerance
+from tests.helpers import assert_close, assert_matches_reference, random_normal, tolerance
 
 FAST_IMPLS = ("xla", "pallas_interpret")
 
@@ -27,37 +27,15 @@ def _inputs(seed, spatial, heads, kv_heads, head_dim, dtype=jnp.float32, batch=2
   return q, k, v, d_out
 
 
-def _value_and_grads(impl, block_sizes, options, d_out, q, k, v):
-  def run(q, k, v):
-    return neighborhood_attention(q, k, v, impl=impl, block_sizes=block_sizes, **options)
-
-  out, vjp = jax.vjp(run, q, k, v)
-  return out, vjp(d_out.astype(out.dtype))
-
-
-@functools.cache
-def _reference(spatial, heads, kv_heads, head_dim, dtype, seed, options):
-  """Reference output and gradients on float32 copies (cached: shared by every impl)."""
-  q, k, v, d_out = _inputs(seed, spatial, heads, kv_heads, head_dim, dtype)
-  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-  run = functools.partial(_value_and_grads, "reference", None, dict(options), d_out)
-  return jax.jit(run)(*f32)
-
-
 def check_against_reference(impl, spatial, heads=2, kv_heads=1, head_dim=12, dtype=jnp.float32,
                             seed=0, block_sizes=None, **options):  # fmt: skip
   """Outputs and gradients of `impl` vs the reference (which runs on float32 copies)."""
-  q, k, v, d_out = _inputs(seed, spatial, heads, kv_heads, head_dim, dtype)
-  run = functools.partial(_value_and_grads, impl, block_sizes, options, d_out)
-  out, grads = jax.jit(run)(q, k, v)
-  key = (spatial, heads, kv_heads, head_dim, dtype, seed, tuple(sorted(options.items())))
-  ref, ref_grads = _reference(*key)
+  q, k, v, _ = _inputs(seed, spatial, heads, kv_heads, head_dim, dtype)
+  fast = functools.partial(neighborhood_attention, impl=impl, block_sizes=block_sizes, **options)
+  out = jax.jit(fast)(q, k, v)
   assert out.dtype == dtype and out.shape == q.shape
-  tol = tolerance(dtype)
-  assert_close(out, ref, tol, f"{impl} out")
-  for name, g, g_ref in zip("qkv", grads, ref_grads, strict=True):
-    assert g.dtype == dtype
-    assert_close(g, g_ref, 2 * tol, f"{impl} d{name}")
+  reference = functools.partial(neighborhood_attention, impl="reference", **options)
+  assert_matches_reference(fast, reference, (q, k, v), {}, tolerance(dtype), impl)
 
 
 CASES = {
