@@ -1,18 +1,18 @@
 """Pure attention ops, one folder per family; importing this package registers all variants."""
 
-from attnjax.ops.aaren import aaren, aaren_init_state, aaren_step
-from attnjax.ops.cca import cca_attention
-from attnjax.ops.diffqkv import diffqkv_attention
-from attnjax.ops.disentangled import disentangled_attention
-from attnjax.ops.gated import gated_attention
-from attnjax.ops.gaussian import gaussian_attention
 from attnjax.ops.linear import linear_attention, linear_attention_step
-from attnjax.ops.moh import moh_attention, moh_route
 from attnjax.ops.neighborhood import neighborhood_attention
-from attnjax.ops.selective import selective_attention
-from attnjax.ops.sinks import sink_attention
 from attnjax.ops.softmax import dot_product_attention
-from attnjax.ops.softplus import softplus_attention
+from attnjax.ops.softmax.aaren import aaren, aaren_init_state, aaren_step
+from attnjax.ops.softmax.cca import cca_attention
+from attnjax.ops.softmax.diffqkv import diffqkv_attention
+from attnjax.ops.softmax.disentangled import disentangled_attention
+from attnjax.ops.softmax.gated import gated_attention
+from attnjax.ops.softmax.gaussian import gaussian_attention
+from attnjax.ops.softmax.moh import moh_attention, moh_route
+from attnjax.ops.softmax.selective import selective_attention
+from attnjax.ops.softmax.sinks import sink_attention
+from attnjax.ops.softmax.softplus import softplus_attention
 
 __all__ = [
   "aaren",

@@ -9,9 +9,14 @@ import pytest
 
 from attnjax import masks, registry
 from attnjax.ops import dot_product_attention, selective_attention
-from tests.helpers import TOL_BLOCKED_F32, TOL_EXACT_F32, assert_close, random_normal
-from tests.ops.variants.dense_softmax import (
-  assert_matches,
+from tests.helpers import (
+  TOL_BLOCKED_F32,
+  TOL_EXACT_F32,
+  assert_close,
+  assert_matches_reference,
+  random_normal,
+)
+from tests.ops.softmax.dense_softmax import (
   causal_allowed,
   logits,
   weighted_values,
@@ -37,7 +42,7 @@ def _paper(q, k, v, q_temp, v_temp):
 @pytest.mark.parametrize("impl,tol", [("reference", TOL_EXACT_F32), ("xla", TOL_BLOCKED_F32)])
 def test_matches_formula_values_and_gradients(impl, tol):
   op = functools.partial(selective_attention, mask=masks.causal(), impl=impl)
-  assert_matches(op, _paper, _inputs(0), tol, impl)
+  assert_matches_reference(op, _paper, _inputs(0), {}, tol, impl)
 
 
 def test_unit_temperatures_are_softmax_attention():

@@ -9,8 +9,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tests.helpers import assert_close
-
 
 def repeat_kv(x, heads):
   """`[b, t, hk, d]` -> `[b, t, heads, d]`, kv head j serving query heads j*g .. j*g+g-1."""
@@ -39,21 +37,3 @@ def softmax_attention(q, k, v, *, causal=True, scale=None):
   if causal:
     s = jnp.where(causal_allowed(q.shape[1], k.shape[1]), s, -jnp.inf)
   return weighted_values(jax.nn.softmax(s, axis=-1), v, q.shape[2])
-
-
-def assert_matches(fn, oracle, args, tol, what=""):
-  """`fn(*args)` equals `oracle(*args)` within `tol` on values, and within 2 * tol on the
-  gradients of a random projection of the output with respect to every argument."""
-  out, expected = jax.jit(fn)(*args), jax.jit(oracle)(*args)
-  assert out.shape == expected.shape, (what, out.shape, expected.shape)
-  assert_close(out, expected, tol, f"{what} values")
-  probe = jax.random.normal(jax.random.key(99), expected.shape, jnp.float32)
-
-  def loss(f):
-    return lambda *a: jnp.sum(f(*a).astype(jnp.float32) * probe)
-
-  argnums = tuple(range(len(args)))
-  grads = jax.jit(jax.grad(loss(fn), argnums))(*args)
-  expected_grads = jax.jit(jax.grad(loss(oracle), argnums))(*args)
-  for i, (g, e) in enumerate(zip(grads, expected_grads, strict=True)):
-    assert_close(g, e, 2 * tol, f"{what} gradient of argument {i}")

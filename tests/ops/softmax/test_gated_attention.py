@@ -10,8 +10,14 @@ import pytest
 
 from attnjax import masks, registry
 from attnjax.ops import dot_product_attention, gated_attention
-from tests.helpers import TOL_BLOCKED_F32, TOL_EXACT_F32, assert_close, random_normal
-from tests.ops.variants.dense_softmax import assert_matches, softmax_attention
+from tests.helpers import (
+  TOL_BLOCKED_F32,
+  TOL_EXACT_F32,
+  assert_close,
+  assert_matches_reference,
+  random_normal,
+)
+from tests.ops.softmax.dense_softmax import softmax_attention
 
 
 def _inputs(seed, b, t, h, hk, d, gate_dim):
@@ -39,7 +45,7 @@ def test_matches_formula_values_and_gradients(impl, tol, form):
   b, t, h, hk, d = 2, 19, 6, 2, 60
   args = _inputs(0, b, t, h, hk, d, 1 if form == "headwise" else d)
   op = functools.partial(gated_attention, mask=masks.causal(), impl=impl)
-  assert_matches(op, _paper, args, tol, f"{impl} {form}")
+  assert_matches_reference(op, _paper, args, {}, tol, f"{impl} {form}")
 
 
 @hypothesis.settings(max_examples=3)

@@ -9,8 +9,14 @@ import pytest
 
 from attnjax import masks
 from attnjax.ops import dot_product_attention, moh_attention, moh_route
-from tests.helpers import TOL_BLOCKED_F32, TOL_EXACT_F32, assert_close, random_normal
-from tests.ops.variants.dense_softmax import assert_matches, softmax_attention
+from tests.helpers import (
+  TOL_BLOCKED_F32,
+  TOL_EXACT_F32,
+  assert_close,
+  assert_matches_reference,
+  random_normal,
+)
+from tests.ops.softmax.dense_softmax import softmax_attention
 
 
 def _inputs(seed, b=2, t=13, h=6, hk=2, d=60):
@@ -44,7 +50,9 @@ def test_matches_formula_values_and_gradients(impl, tol, block_q):
   def routed_paper(q, k, v, weights):
     return _paper(q, k, v, weights * routed)
 
-  assert_matches(routed_op, routed_paper, (q, k, v, weights), tol, f"{impl} block_q={block_q}")
+  assert_matches_reference(
+    routed_op, routed_paper, (q, k, v, weights), {}, tol, f"{impl} block_q={block_q}"
+  )
 
 
 def test_all_heads_with_uniform_weight_is_multi_head_attention():

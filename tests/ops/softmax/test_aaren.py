@@ -9,8 +9,14 @@ import pytest
 
 from attnjax import masks
 from attnjax.ops import aaren, aaren_init_state, aaren_step, dot_product_attention
-from tests.helpers import TOL_BLOCKED_F32, TOL_EXACT_F32, assert_close, random_normal
-from tests.ops.variants.dense_softmax import assert_matches, softmax_attention
+from tests.helpers import (
+  TOL_BLOCKED_F32,
+  TOL_EXACT_F32,
+  assert_close,
+  assert_matches_reference,
+  random_normal,
+)
+from tests.ops.softmax.dense_softmax import softmax_attention
 
 
 def _inputs(seed, b=2, t=17, h=6, hk=2, d=60, dv=12):
@@ -31,7 +37,7 @@ def _paper(q, k, v):
 
 @pytest.mark.parametrize("impl,tol", [("reference", TOL_EXACT_F32), ("xla", TOL_BLOCKED_F32)])
 def test_matches_formula_values_and_gradients(impl, tol):
-  assert_matches(functools.partial(aaren, impl=impl), _paper, _inputs(0), tol, impl)
+  assert_matches_reference(functools.partial(aaren, impl=impl), _paper, _inputs(0), {}, tol, impl)
 
 
 def test_equals_causal_softmax_attention_with_a_fixed_query():

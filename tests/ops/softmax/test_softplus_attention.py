@@ -8,8 +8,14 @@ import jax.numpy as jnp
 import pytest
 
 from attnjax.ops import softplus_attention
-from tests.helpers import TOL_BLOCKED_F32, TOL_EXACT_F32, assert_close, random_normal
-from tests.ops.variants.dense_softmax import assert_matches, causal_allowed, logits, weighted_values
+from tests.helpers import (
+  TOL_BLOCKED_F32,
+  TOL_EXACT_F32,
+  assert_close,
+  assert_matches_reference,
+  random_normal,
+)
+from tests.ops.softmax.dense_softmax import causal_allowed, logits, weighted_values
 
 
 def _inputs(seed, b=2, t=19, h=6, hk=2, d=60):
@@ -33,7 +39,9 @@ def test_matches_formula_values_and_gradients(impl, tol, train_len, power):
     softplus_attention, train_len=train_len, reweight_power=power, impl=impl, block_kv=8
   )
   oracle = functools.partial(_paper, train_len=train_len, power=power or 1.0)
-  assert_matches(op, oracle, _inputs(0), tol, f"{impl} train_len={train_len} p={power}")
+  assert_matches_reference(
+    op, oracle, _inputs(0), {}, tol, f"{impl} train_len={train_len} p={power}"
+  )
 
 
 def test_segments_restart_rows_and_a_single_key_gets_all_weight():

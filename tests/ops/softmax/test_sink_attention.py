@@ -9,9 +9,14 @@ import pytest
 
 from attnjax import masks, registry
 from attnjax.ops import dot_product_attention, sink_attention
-from tests.helpers import TOL_BLOCKED_F32, TOL_EXACT_F32, assert_close, random_normal
-from tests.ops.variants.dense_softmax import (
-  assert_matches,
+from tests.helpers import (
+  TOL_BLOCKED_F32,
+  TOL_EXACT_F32,
+  assert_close,
+  assert_matches_reference,
+  random_normal,
+)
+from tests.ops.softmax.dense_softmax import (
   causal_allowed,
   logits,
   repeat_kv,
@@ -47,7 +52,7 @@ def test_matches_formula_values_and_gradients(impl, tol):
   def with_tokens(q, k, v, sinks, sink_k, sink_v):
     return op(q, k, v, sinks=sinks, sink_k=sink_k, sink_v=sink_v)
 
-  assert_matches(with_tokens, _paper, _inputs(0), tol, impl)
+  assert_matches_reference(with_tokens, _paper, _inputs(0), {}, tol, impl)
 
 
 def test_sink_logit_alone_matches_formula():

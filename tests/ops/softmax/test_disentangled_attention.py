@@ -10,9 +10,9 @@ import pytest
 
 from attnjax import masks
 from attnjax.ops import disentangled_attention
-from attnjax.ops.disentangled import relative_buckets
-from tests.helpers import TOL_EXACT_F32, assert_close, random_normal
-from tests.ops.variants.dense_softmax import assert_matches, repeat_kv
+from attnjax.ops.softmax.disentangled import relative_buckets
+from tests.helpers import TOL_EXACT_F32, assert_close, assert_matches_reference, random_normal
+from tests.ops.softmax.dense_softmax import repeat_kv
 
 NUM_BUCKETS, MAX_DISTANCE = 12, 16
 
@@ -68,7 +68,9 @@ def test_matches_formula_values_and_gradients(causal):
     impl="reference",
   )
   oracle = functools.partial(_paper, causal=causal)
-  assert_matches(op, oracle, _inputs(0), TOL_EXACT_F32, "causal" if causal else "bidirectional")
+  assert_matches_reference(
+    op, oracle, _inputs(0), {}, TOL_EXACT_F32, "causal" if causal else "bidirectional"
+  )
 
 
 def test_segments_and_bad_inputs():

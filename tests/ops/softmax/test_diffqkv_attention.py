@@ -8,8 +8,14 @@ import pytest
 
 from attnjax import masks, registry
 from attnjax.ops import diffqkv_attention, dot_product_attention
-from tests.helpers import TOL_BLOCKED_F32, TOL_EXACT_F32, assert_close, random_normal
-from tests.ops.variants.dense_softmax import assert_matches, causal_allowed
+from tests.helpers import (
+  TOL_BLOCKED_F32,
+  TOL_EXACT_F32,
+  assert_close,
+  assert_matches_reference,
+  random_normal,
+)
+from tests.ops.softmax.dense_softmax import causal_allowed
 
 
 def _inputs(seed, b=2, t=13, q_heads=8, k_heads=2, v_heads=4, key_dim=60, value_dim=12):
@@ -36,7 +42,7 @@ def _paper(q, k, v):
 @pytest.mark.parametrize("impl,tol", [("reference", TOL_EXACT_F32), ("xla", TOL_BLOCKED_F32)])
 def test_matches_formula_values_and_gradients(impl, tol):
   op = functools.partial(diffqkv_attention, mask=masks.causal(), impl=impl)
-  assert_matches(op, _paper, _inputs(0), tol, impl)
+  assert_matches_reference(op, _paper, _inputs(0), {}, tol, impl)
 
 
 def test_equal_k_and_v_head_counts_is_grouped_query_attention():

@@ -9,9 +9,14 @@ import pytest
 
 from attnjax import registry
 from attnjax.ops import cca_attention
-from tests.helpers import TOL_BLOCKED_F32, TOL_EXACT_F32, assert_close, random_normal
-from tests.ops.variants.dense_softmax import (
-  assert_matches,
+from tests.helpers import (
+  TOL_BLOCKED_F32,
+  TOL_EXACT_F32,
+  assert_close,
+  assert_matches_reference,
+  random_normal,
+)
+from tests.ops.softmax.dense_softmax import (
   causal_allowed,
   logits,
   repeat_kv,
@@ -62,7 +67,7 @@ def _paper(q, k, v, *, group_size, window):
 def test_matches_formula_values_and_gradients(impl, tol, group_size, window):
   op = functools.partial(cca_attention, group_size=group_size, window=window, impl=impl)
   oracle = functools.partial(_paper, group_size=group_size, window=window)
-  assert_matches(op, oracle, _inputs(0), tol, f"{impl} g={group_size} w={window}")
+  assert_matches_reference(op, oracle, _inputs(0), {}, tol, f"{impl} g={group_size} w={window}")
 
 
 def test_is_causal():

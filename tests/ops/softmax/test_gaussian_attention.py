@@ -9,8 +9,13 @@ import pytest
 
 from attnjax import registry
 from attnjax.ops import gaussian_attention
-from tests.helpers import TOL_BLOCKED_F32, TOL_EXACT_F32, assert_close, random_normal
-from tests.ops.variants.dense_softmax import assert_matches
+from tests.helpers import (
+  TOL_BLOCKED_F32,
+  TOL_EXACT_F32,
+  assert_close,
+  assert_matches_reference,
+  random_normal,
+)
 
 EPS = 1e-2
 
@@ -42,7 +47,7 @@ def _paper(x, mean_offset, var_scale, *, causal=True, bounds=None):
 def test_matches_formula_values_and_gradients(impl, tol, causal):
   op = functools.partial(gaussian_attention, causal=causal, eps=EPS, impl=impl)
   oracle = functools.partial(_paper, causal=causal)
-  assert_matches(op, oracle, _inputs(0), tol, f"{impl} causal={causal}")
+  assert_matches_reference(op, oracle, _inputs(0), {}, tol, f"{impl} causal={causal}")
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
