@@ -13,12 +13,12 @@ from __future__ import annotations
 import jax
 
 from attnjax.ops.common import check_qkv
-from attnjax.parallel import blocks
+from attnjax.parallel import chunk_pairs
 from attnjax.parallel import mesh as mesh_lib
 
 
 def attention(
-  call: blocks.SoftmaxCall,
+  call: chunk_pairs.SoftmaxCall,
   q: jax.Array,
   k: jax.Array,
   v: jax.Array,
@@ -39,7 +39,7 @@ def attention(
   parts = mesh_lib.axis_size(mesh, axis)
   local_len = mesh_lib.check_split(shape.q_len, parts, strategy="allgather")
   pairs = tuple(
-    blocks.classify(call.mask, d * local_len + call.q_offset, local_len, 0, shape.kv_len)
+    chunk_pairs.classify(call.mask, d * local_len + call.q_offset, local_len, 0, shape.kv_len)
     for d in range(parts)
   )
 
@@ -47,13 +47,13 @@ def attention(
     k_all, v_all, seg_kv_all = (
       None if x is None else jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v, seg_kv)
     )
-    segments = blocks.local_segments(seg_q, seg_kv_all, call.padding_id)
+    segments = chunk_pairs.local_segments(seg_q, seg_kv_all, call.padding_id)
     device = jax.lax.axis_index(axis)
-    out, lse = blocks.switch_pairs(
+    out, lse = chunk_pairs.switch_pairs(
       pairs, device, call.op, call.op_kwargs, q, k_all, v_all, segments
     )
     if sinks is not None:
-      out, lse = blocks.add_sinks(out, lse, sinks)
+      out, lse = chunk_pairs.add_sinks(out, lse, sinks)
     return out, lse
 
   spec4, spec2 = mesh_lib.seq_spec(4, axis, batch_axes), mesh_lib.seq_spec(2, axis, batch_axes)

@@ -33,7 +33,7 @@ from attnjax import masks as masks_lib
 from attnjax import registry
 from attnjax.ops.linear import linear_attention
 from attnjax.ops.softmax import dot_product_attention
-from attnjax.parallel import allgather, blocks, lasp2, ring, ulysses, zeco
+from attnjax.parallel import allgather, chunk_pairs, lasp2, ring, ulysses, zeco
 from attnjax.parallel import mesh as mesh_lib
 
 SOFTMAX_STRATEGIES: dict[str, Callable] = {
@@ -188,7 +188,7 @@ def _softmax(op: Callable, prepare: Callable[[dict, int], dict], run: Callable) 
         raise ValueError(f"sinks must have shape [heads] = ({q.shape[2]},), got {sinks.shape}")
     seg_q, seg_kv, padding_id = _segments(segment_ids, q.shape[:2])
     options = tuple(sorted(kwargs.items()))
-    call = blocks.SoftmaxCall(op, mask, options, int(q_offset), padding_id)
+    call = chunk_pairs.SoftmaxCall(op, mask, options, int(q_offset), padding_id)
     out, lse = run(call, q, k, v, seg_q, seg_kv, sinks)
     return (out, lse) if return_lse else out
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from attnjax import masks as masks_lib
 from attnjax.ops.common import check_qkv
-from attnjax.parallel import blocks
+from attnjax.parallel import chunk_pairs
 from attnjax.parallel import mesh as mesh_lib
 
 
@@ -55,7 +55,7 @@ def ring_pairs(
           q_chunk = _chunk_ids(d, parts, zigzag)[qi]
           kv_chunk = _chunk_ids((d - step) % parts, parts, zigzag)[kj]
           q_start, kv_start = q_chunk * chunk_len + q_offset, kv_chunk * chunk_len
-          pairs.append(blocks.classify(mask, q_start, chunk_len, kv_start, chunk_len))
+          pairs.append(chunk_pairs.classify(mask, q_start, chunk_len, kv_start, chunk_len))
         row.append(tuple(pairs))
       per_chunk.append(tuple(row))
     plan.append(tuple(per_chunk))
@@ -84,7 +84,7 @@ def visited_tiles(
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Ring:
-  call: blocks.SoftmaxCall
+  call: chunk_pairs.SoftmaxCall
   axis: str
   parts: int
   chunks: int  # chunks per device: 2 (zigzag) or 1
@@ -103,9 +103,9 @@ def _rotate(cfg: _Ring, tree, shift: int = 1):
 
 def _pair(cfg: _Ring, step: int, qi: int, kj: int, device, q_c, k_c, v_c, seg_q_c, seg_kv_c):
   """(out, lse) of query chunk `qi` against the `kj`-th K/V chunk held at `step`."""
-  segments = blocks.local_segments(seg_q_c, seg_kv_c, cfg.call.padding_id)
+  segments = chunk_pairs.local_segments(seg_q_c, seg_kv_c, cfg.call.padding_id)
   pairs = cfg.plan[step][qi][kj]
-  return blocks.switch_pairs(
+  return chunk_pairs.switch_pairs(
     pairs, device, cfg.call.op, cfg.call.op_kwargs, q_c, k_c, v_c, segments
   )
 
@@ -124,7 +124,7 @@ def _forward(cfg: _Ring, q, k, v, seg_q, seg_kv):
         if outs[qi] is None:
           outs[qi], lses[qi] = out.astype(jnp.float32), lse
         else:
-          outs[qi], lses[qi] = blocks.merge(outs[qi], lses[qi], out, lse)
+          outs[qi], lses[qi] = chunk_pairs.merge(outs[qi], lses[qi], out, lse)
     held = incoming
   return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=1)
 
@@ -192,7 +192,7 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def attention(
-  call: blocks.SoftmaxCall,
+  call: chunk_pairs.SoftmaxCall,
   q: jax.Array,
   k: jax.Array,
   v: jax.Array,
@@ -237,7 +237,7 @@ def attention(
       )
     out, lse = _ring(cfg, q, k, v, seg_q, seg_kv)
     if sinks is not None:
-      out, lse = blocks.add_sinks(out, lse, sinks)
+      out, lse = chunk_pairs.add_sinks(out, lse, sinks)
     out = out.astype(q.dtype)
     if zigzag and relayout:
       out, lse = mesh_lib.from_zigzag(out, axis, parts), mesh_lib.from_zigzag(lse, axis, parts)

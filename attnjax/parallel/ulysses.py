@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.ops.common import check_qkv
-from attnjax.parallel import blocks
+from attnjax.parallel import chunk_pairs
 from attnjax.parallel import mesh as mesh_lib
 
 
 def attention(
-  call: blocks.SoftmaxCall,
+  call: chunk_pairs.SoftmaxCall,
   q: jax.Array,
   k: jax.Array,
   v: jax.Array,
@@ -66,7 +66,7 @@ def attention(
     # Only arguments that were given reach the op, so a registered variant that fixes its own
     # mask can be called too.
     given = {"mask": call.mask, "sinks": sinks, "q_offset": call.q_offset or None}
-    segments = blocks.local_segments(seg_q, seg_kv, call.padding_id)
+    segments = chunk_pairs.local_segments(seg_q, seg_kv, call.padding_id)
     extra = {name: value for name, value in given.items() if value is not None}
     out, lse = call.op(q, k, v, segment_ids=segments, return_lse=True, **extra, **call.op_kwargs)
     return jax.lax.all_to_all(out, axis, 1, 2, tiled=True), jax.lax.all_to_all(
