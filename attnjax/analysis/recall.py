@@ -27,11 +27,11 @@ import dataclasses
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 
+from flax import nnx
 from matplotlib.figure import Figure
 
 from attnjax import registry
 from attnjax.nn.attention import resolve_heads
-from attnjax.nn.linear import DESIGNS, LinearAttention
 from attnjax.nn.lm import parse_layer_pattern
 from attnjax.ops.linear import feature_maps
 
@@ -42,6 +42,7 @@ class _Layer:
 
   name: str
   seq_len: int
+  embed_dim: int
   num_heads: int
   num_kv_heads: int
   head_dim: int
@@ -72,11 +73,19 @@ def _cca(layer: _Layer) -> int:
 
 def _linear(layer: _Layer) -> int:
   defaults = registry.get(layer.name).defaults
-  qk_dim = layer.head_dim
-  if DESIGNS[layer.name].feature_dim:
-    qk_dim = layer.options.get(
-      "feature_dim", inspect.signature(LinearAttention.__init__).parameters["feature_dim"].default
+  # The mixer itself says how wide its query heads are (BASED's feature_dim, a qk_dim option).
+  mixer = nnx.eval_shape(
+    lambda: registry.mixer_class(layer.name)(
+      layer.embed_dim,
+      num_heads=layer.num_heads,
+      num_kv_heads=layer.num_kv_heads,
+      head_dim=layer.head_dim,
+      variant=layer.name,
+      rngs=nnx.Rngs(0),
+      **layer.options,
     )
+  )
+  qk_dim = mixer.q.shape[-1]
   key_dim = feature_maps.feature_dim(defaults.get("feature_map"), qk_dim)
   value_dim = layer.head_dim + (1 if defaults.get("normalize") else 0)
   return layer.num_heads * key_dim * value_dim
@@ -126,7 +135,7 @@ def state_size(config, *, seq_len: int | None = None) -> float:
   total = 0
   for name in names:
     options = dict(m.mixer_options.get(name, {}))
-    layer = _Layer(name, seq_len, m.num_heads, num_kv_heads, head_dim, options)
+    layer = _Layer(name, seq_len, m.embed_dim, m.num_heads, num_kv_heads, head_dim, options)
     total += _LAYER_STATE[name](layer)
   return total / len(names)
 

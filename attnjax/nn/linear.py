@@ -1,72 +1,60 @@
-"""`LinearAttention`: the NNX mixer of the linear-family variants (`attnjax.ops.linear`).
+"""NNX mixers of the linear-family variants (`attnjax.ops.linear`) and of agent attention.
 
-One module serves `linear`, `lightning`, `retention`, `gla`, `based`, `lightnet`,
-`flowformer` and `agent`; what differs per variant is a row of `DESIGNS`:
+Each mixer owns its parameters and calls pure functions: its variant's op and, where the
+paper's layer has them, the output norm and gate of `attnjax.ops.linear.gates`.
 
-- `gated`: the output is RMS-normalized over head_dim and multiplied by `silu(x W_gate)`, the
-  output gate of TransNormerLLM / Lightning Attention, RetNet and GLA.
-- `data_decay`: GLA's low-rank data-dependent vector decay,
-  `log_decay = log_sigmoid(x W_down W_up + b) / 16` (Yang et al. 2024, Sec. 4.1).
-- `feature_dim`: q and k are projected to a small `feature_dim` (BASED's Taylor features,
-  default 16, so the state's key_dim is 1 + 16 + 256) and scaled by `feature_dim ** -0.25` so
-  that `phi(q) . phi(k)` expands `exp(q . k / sqrt(feature_dim))`.
-- `op_options`: the mixer options forwarded to the variant's op.
+- `LinearAttention` (`linear`, `lightnet`, `flowformer`): q, k, v projections, the op, `W_O`.
+- `BasedAttention` (`based`): q and k projected to a small `feature_dim` (the Taylor map's
+  input).
+- `LightningAttention` (`lightning`): TransNormerLLM's `SRMSNorm(O) * (X W_u)`.
+- `MultiScaleRetention` (`retention`): RetNet's rotary q, k and `swish(X W_G) * GroupNorm(Y)`.
+- `GatedLinearAttention` (`gla`): GLA's low-rank gate logits of the decay and
+  `swish(X W_r + b_r) * LN(O)`.
+- `AgentAttention` (`agent`): `Attention`'s projections around agent attention (its cost is
+  linear in the sequence length).
 
-Packed sequences (`segment_ids`) are not supported by the linear family yet: resetting the
-state at document starts needs per-token state resets in the chunked forms.
+Every mixer follows the mixer protocol: `cls(embed_dim, *, num_heads, num_kv_heads=None,
+head_dim=None, variant, rngs, **options)`, called as `mixer(x [batch, seq, embed], *,
+segment_ids=None)`; `impl`, `dtype` and `seq_parallel` (see `attnjax.nn.seq_parallel`) as
+`Attention`. Packed sequences (`segment_ids`) are not supported by these mixers yet:
+resetting the state at document starts needs per-token state resets in the chunked forms.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from attnjax import registry
-from attnjax.nn.attention import resolve_heads
-from attnjax.nn.norm import rms_normalize
+from attnjax.nn.attention import Attention, resolve_heads
 from attnjax.nn.params import fan_in_init, param
+from attnjax.nn.rope import apply_rope
 from attnjax.nn.seq_parallel import SeqParallel, variant_op
+from attnjax.ops.linear import gates
 
-# GLA's decay projection rank and temperature (Yang et al. 2024: rank 16, divide by 16).
+# Rank of GLA's low-rank decay projection `W_a1 [embed, 16] W_a2 [16, key_dim]` (Sec. 4.4).
 GLA_DECAY_RANK = 16
-GLA_DECAY_TEMPERATURE = 16.0
 
 
-@dataclasses.dataclass(frozen=True)
-class Design:
-  """What the mixer of one variant adds around its op (see the module docstring)."""
-
-  gated: bool = False
-  data_decay: bool = False
-  feature_dim: bool = False
-  op_options: tuple[str, ...] = ("causal", "chunk_size")
-
-
-DESIGNS = {
-  "linear": Design(),
-  "lightning": Design(gated=True, op_options=("causal", "chunk_size", "layer", "num_layers")),
-  "retention": Design(gated=True),
-  "gla": Design(gated=True, data_decay=True),
-  "based": Design(feature_dim=True),
-  "lightnet": Design(op_options=("chunk_size",)),  # causal by construction
-  "flowformer": Design(),
-  "agent": Design(op_options=("num_agents",)),  # bidirectional by construction
-}
+def _no_packed_sequences(variant: str, segment_ids) -> None:
+  if segment_ids is not None:
+    raise ValueError(
+      f"variant {variant!r} does not support segment_ids (packed sequences) yet; "
+      "pass segment_ids=None"
+    )
 
 
 class LinearAttention(nnx.Module):
   """Projections around a linear-family op: `[batch, seq, embed] -> same`.
 
   Parameters (logical axes): `q [embed, heads, qk_dim]`, `k [embed, kv_heads, qk_dim]`,
-  `v [embed, kv_heads, head_dim]`, `out [heads, head_dim, embed]`; gated variants add
-  `gate [embed, heads, head_dim]`; `gla` adds `decay_down [embed, 16]`,
-  `decay_up [16, heads, head_dim]`, `decay_bias [heads, head_dim]`. `qk_dim` is head_dim, or
-  `feature_dim` for `based`. With `seq_parallel` (see `attnjax.nn.seq_parallel`) the op runs
-  with the sequence split over a mesh axis.
+  `v [embed, kv_heads, head_dim]`, `out [heads, head_dim, embed]`. `qk_dim` (None: head_dim)
+  is the size of each query and key head. Options: `chunk_size`, and `causal` where the op
+  takes it; subclasses add their own (`OPTIONS`).
   """
+
+  OPTIONS: tuple[str, ...] = ("chunk_size",)
 
   def __init__(
     self,
@@ -79,29 +67,30 @@ class LinearAttention(nnx.Module):
     rngs: nnx.Rngs,
     impl: str = "auto",
     dtype=jnp.float32,
-    feature_dim: int = 16,
+    qk_dim: int | None = None,
     seq_parallel: SeqParallel | None = None,
     **op_options,
   ):
-    if variant not in DESIGNS:
-      raise ValueError(f"LinearAttention serves variants {sorted(DESIGNS)}, got {variant!r}")
-    design = DESIGNS[variant]
-    unknown = sorted(set(op_options) - set(design.op_options))
-    if unknown:
+    mixer = registry.mixer_class(variant)  # Fails early, listing the registered names.
+    if not isinstance(self, mixer):
       raise ValueError(
-        f"variant {variant!r} takes options {design.op_options} (and feature_dim for based), "
-        f"got unknown {unknown}"
+        f"{type(self).__name__} does not serve variant {variant!r}; its mixer is "
+        f"{mixer.__module__}.{mixer.__name__}"
       )
+    causal = ("causal",) if registry.get(variant).capabilities.causal_keyword else ()
+    allowed = (*self.OPTIONS, *causal)
+    unknown = sorted(set(op_options) - set(allowed))
+    if unknown:
+      raise ValueError(f"variant {variant!r} takes options {allowed}, got unknown {unknown}")
     num_kv_heads, head_dim = resolve_heads(embed_dim, num_heads, num_kv_heads, head_dim)
-    registry.get(variant)  # Fails early, listing the registered names.
+    qk_dim = head_dim if qk_dim is None else qk_dim
+    if qk_dim < 1:
+      raise ValueError(f"qk_dim must be positive, got qk_dim={qk_dim}")
     self.variant = variant
-    self.design = design
     self.impl = impl
     self.seq_parallel = seq_parallel
     self.dtype = dtype
     self.op_options = tuple(sorted(op_options.items()))  # static, hashable
-    qk_dim = feature_dim if design.feature_dim else head_dim
-    self.qk_scale = qk_dim**-0.25 if design.feature_dim else 1.0
     self.q = param(rngs, fan_in_init(), (embed_dim, num_heads, qk_dim), ("embed", "heads", None))
     kv_axes = ("embed", "kv_heads", None)
     self.k = param(rngs, fan_in_init(), (embed_dim, num_kv_heads, qk_dim), kv_axes)
@@ -111,47 +100,173 @@ class LinearAttention(nnx.Module):
     self.out = param(
       rngs, fan_in_init(2), (num_heads, head_dim, embed_dim), ("heads", "head_dim", "embed")
     )
-    heads_axes = ("embed", "heads", "head_dim")
-    self.gate = (
-      param(rngs, fan_in_init(), (embed_dim, num_heads, head_dim), heads_axes)
-      if design.gated
-      else None
-    )
-    if design.data_decay:
-      self.decay_down = param(rngs, fan_in_init(), (embed_dim, GLA_DECAY_RANK), ("embed", None))
-      self.decay_up = param(
-        rngs, fan_in_init(), (GLA_DECAY_RANK, num_heads, head_dim), (None, "heads", "head_dim")
-      )
-      self.decay_bias = param(
-        rngs, nnx.initializers.zeros, (num_heads, head_dim), ("heads", "head_dim")
-      )
+
+  def project(self, x: jax.Array, weight: nnx.Param) -> jax.Array:
+    """`x [batch, seq, embed]` times `weight [embed, heads, dim]`: `[batch, seq, heads, dim]`."""
+    return jnp.einsum("btd,dhk->bthk", x, weight[...].astype(self.dtype))
+
+  def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`x [batch, seq, embed]` -> (x in compute dtype, q, k, v `[batch, seq, heads, dim]`)."""
+    if x.ndim != 3 or x.shape[-1] != self.q.shape[0]:
+      raise ValueError(f"x must be [batch, seq, embed={self.q.shape[0]}], got shape {x.shape}")
+    x = x.astype(self.dtype)
+    return x, self.project(x, self.q), self.project(x, self.k), self.project(x, self.v)
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, **kwargs) -> jax.Array:
+    """The variant's op with this mixer's `impl` and static options."""
+    op = variant_op(self.variant, self.seq_parallel)
+    return op(q, k, v, impl=self.impl, **dict(self.op_options), **kwargs)
+
+  def project_out(self, heads_out: jax.Array) -> jax.Array:
+    """`[batch, seq, heads, head_dim]` -> `[batch, seq, embed]`."""
+    return jnp.einsum("bthk,hkd->btd", heads_out, self.out[...].astype(self.dtype))
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     """`x [batch, seq, embed]` -> `[batch, seq, embed]`; `segment_ids` must be None."""
-    if x.ndim != 3 or x.shape[-1] != self.q.shape[0]:
-      raise ValueError(f"x must be [batch, seq, embed={self.q.shape[0]}], got shape {x.shape}")
-    if segment_ids is not None:
-      raise ValueError(
-        f"variant {self.variant!r} does not support segment_ids (packed sequences) yet; "
-        "pass segment_ids=None"
-      )
-    x = x.astype(self.dtype)
+    _no_packed_sequences(self.variant, segment_ids)
+    _, q, k, v = self.project_qkv(x)
+    return self.project_out(self.attend(q, k, v))
 
-    def project(weight):
-      return jnp.einsum("btd,dhk->bthk", x, weight[...].astype(self.dtype))
 
-    q, k, v = project(self.q) * self.qk_scale, project(self.k) * self.qk_scale, project(self.v)
-    options = dict(self.op_options)
-    if self.design.feature_dim:
-      options["scale"] = 1.0
-    if self.design.data_decay:
-      logits = (
-        jnp.einsum("btd,dr,rhk->bthk", x, self.decay_down[...], self.decay_up[...])
-        + self.decay_bias[...]
-      )
-      options["log_decay"] = jax.nn.log_sigmoid(logits.astype(jnp.float32)) / GLA_DECAY_TEMPERATURE
+class BasedAttention(LinearAttention):
+  """BASED's linear attention layer (Arora et al. 2024, arXiv 2402.18668, Sec. 4).
+
+  q and k are projected to `feature_dim` per head (default 16, so the Taylor state's key_dim
+  is `1 + 16 + 16^2`); the op's default scale `feature_dim ** -0.5` makes its features expand
+  `exp(q.k / sqrt(feature_dim))`. Parameters as `LinearAttention` with `qk_dim = feature_dim`.
+  """
+
+  def __init__(
+    self, embed_dim: int, *, variant: str = "based", rngs: nnx.Rngs, feature_dim: int = 16, **kw
+  ):
+    super().__init__(embed_dim, variant=variant, rngs=rngs, qk_dim=feature_dim, **kw)
+
+
+class LightningAttention(LinearAttention):
+  """TransNormerLLM's gated linear attention (Qin et al. 2023, arXiv 2307.14995, Sec. 3.1).
+
+      Q = swish(X W_Q), K = swish(X W_K), V = X W_V, U = X W_u      (swish: the op's)
+      O = SRMSNorm(lightning_attention(Q, K, V)) * U,   out = O W_O
+
+  Parameters beyond `LinearAttention`: `gate [embed, heads, head_dim]` (`W_u`). Options
+  `layer`, `num_layers` choose the decay of this layer's depth.
+  """
+
+  OPTIONS = (*LinearAttention.OPTIONS, "layer", "num_layers")
+
+  def __init__(self, embed_dim: int, *, variant: str = "lightning", rngs: nnx.Rngs, **kw):
+    super().__init__(embed_dim, variant=variant, rngs=rngs, **kw)
+    embed, num_heads, head_dim = self.out.shape[2], *self.out.shape[:2]
+    self.gate = param(
+      rngs, fan_in_init(), (embed, num_heads, head_dim), ("embed", "heads", "head_dim")
+    )
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    _no_packed_sequences(self.variant, segment_ids)
+    x, q, k, v = self.project_qkv(x)
+    out = gates.srms_norm_gate(self.attend(q, k, v), self.project(x, self.gate))
+    return self.project_out(out)
+
+
+class MultiScaleRetention(LinearAttention):
+  """RetNet's gated multi-scale retention (Sun et al. 2023, arXiv 2307.08621, Sec. 2.2).
+
+      Q = rot(X W_Q), K = rot(X W_K), V = X W_V      (rot: rotary positions, the paper's
+                                                       e^(i n theta); `use_rope`)
+      Y = GroupNorm_h(retention(Q, K, V)),   out = (swish(X W_G) * Y) W_O
+
+  Parameters beyond `LinearAttention`: `gate [embed, heads, head_dim]` (`W_G`). Options
+  `use_rope` (default True; needs an even qk_dim) and `rope_base`.
+  """
+
+  def __init__(
+    self,
+    embed_dim: int,
+    *,
+    variant: str = "retention",
+    rngs: nnx.Rngs,
+    use_rope: bool = True,
+    rope_base: float = 10_000.0,
+    **kw,
+  ):
+    super().__init__(embed_dim, variant=variant, rngs=rngs, **kw)
+    if use_rope and self.q.shape[-1] % 2:
+      raise ValueError(f"use_rope needs an even qk_dim, got {self.q.shape[-1]}")
+    self.use_rope = use_rope
+    self.rope_base = rope_base
+    embed, num_heads, head_dim = self.out.shape[2], *self.out.shape[:2]
+    self.gate = param(
+      rngs, fan_in_init(), (embed, num_heads, head_dim), ("embed", "heads", "head_dim")
+    )
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    _no_packed_sequences(self.variant, segment_ids)
+    x, q, k, v = self.project_qkv(x)
+    if self.use_rope:
+      positions = jnp.arange(x.shape[1])
+      q = apply_rope(q, positions, base=self.rope_base)
+      k = apply_rope(k, positions, base=self.rope_base)
+    out = gates.group_norm_swish_gate(self.attend(q, k, v), self.project(x, self.gate))
+    return self.project_out(out)
+
+
+class GatedLinearAttention(LinearAttention):
+  """The GLA Transformer's token mixer (Yang et al. 2024, arXiv 2312.06635, Sec. 4.4).
+
+      gate_logits = X W_a1 W_a2 + b_a       (alpha = sigmoid(gate_logits) ** (1 / 16), the op's)
+      O = gla_attention(X W_Q, X W_K, X W_V, gate_logits),   R = swish(X W_r + b_r)
+      out = (R * LN(O)) W_O                 (LN over each head)
+
+  Parameters beyond `LinearAttention`: `decay_down [embed, 16]` (`W_a1`),
+  `decay_up [16, heads, qk_dim]` (`W_a2`), `decay_bias [heads, qk_dim]` (`b_a`),
+  `gate [embed, heads, head_dim]` (`W_r`), `gate_bias [heads, head_dim]` (`b_r`). Option
+  `temperature` (the op's `tau`).
+  """
+
+  OPTIONS = (*LinearAttention.OPTIONS, "temperature")
+
+  def __init__(self, embed_dim: int, *, variant: str = "gla", rngs: nnx.Rngs, **kw):
+    super().__init__(embed_dim, variant=variant, rngs=rngs, **kw)
+    embed, num_heads, qk_dim = self.q.shape
+    head_dim = self.out.shape[1]
+    self.decay_down = param(rngs, fan_in_init(), (embed, GLA_DECAY_RANK), ("embed", None))
+    self.decay_up = param(
+      rngs, fan_in_init(), (GLA_DECAY_RANK, num_heads, qk_dim), (None, "heads", "head_dim")
+    )
+    self.decay_bias = param(
+      rngs, nnx.initializers.zeros, (num_heads, qk_dim), ("heads", "head_dim")
+    )
+    heads_axes = ("embed", "heads", "head_dim")
+    self.gate = param(rngs, fan_in_init(), (embed, num_heads, head_dim), heads_axes)
+    self.gate_bias = param(
+      rngs, nnx.initializers.zeros, (num_heads, head_dim), ("heads", "head_dim")
+    )
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    _no_packed_sequences(self.variant, segment_ids)
+    x, q, k, v = self.project_qkv(x)
+    low_rank = jnp.einsum("btd,dr->btr", x, self.decay_down[...].astype(self.dtype))
+    decay_logits = jnp.einsum("btr,rhk->bthk", low_rank, self.decay_up[...].astype(self.dtype))
+    out = self.attend(q, k, v, gate_logits=decay_logits + self.decay_bias[...])
+    gate_logits = self.project(x, self.gate) + self.gate_bias[...].astype(self.dtype)
+    return self.project_out(gates.group_norm_swish_gate(out, gate_logits))
+
+
+class AgentAttention(Attention):
+  """`Attention`'s projections around agent attention (`attnjax.ops.softmax.agent`).
+
+  Parameters as `Attention`; option `num_agents`. Rotary positions are off by default (the
+  paper's agent tokens are pooled queries of a vision encoder, without rotary embedding).
+  """
+
+  def __init__(
+    self, embed_dim: int, *, variant: str = "agent", rngs: nnx.Rngs, use_rope=False, **kw
+  ):
+    super().__init__(embed_dim, variant=variant, rngs=rngs, use_rope=use_rope, **kw)
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    """`x [batch, seq, embed]` -> `[batch, seq, embed]`; `segment_ids` must be None."""
+    _no_packed_sequences(self.variant, segment_ids)
+    _, q, k, v = self.project_qkv(x)
     op = variant_op(self.variant, self.seq_parallel)
-    out = op(q, k, v, impl=self.impl, **options)
-    if self.design.gated:
-      out = rms_normalize(out) * jax.nn.silu(project(self.gate))
-    return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))
+    return self.project_out(op(q, k, v, impl=self.impl, **dict(self.variant_options)))

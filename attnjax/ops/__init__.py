@@ -1,9 +1,10 @@
 """Pure attention ops, one folder per family; importing this package registers all variants."""
 
-from attnjax.ops.linear import linear_attention, linear_attention_step
+from attnjax.ops.linear import gla_attention, linear_attention, linear_attention_step
 from attnjax.ops.neighborhood import neighborhood_attention
 from attnjax.ops.softmax import dot_product_attention
 from attnjax.ops.softmax.aaren import aaren, aaren_init_state, aaren_step
+from attnjax.ops.softmax.agent import agent_attention
 from attnjax.ops.softmax.cca import cca_attention
 from attnjax.ops.softmax.diffqkv import diffqkv_attention
 from attnjax.ops.softmax.disentangled import disentangled_attention
@@ -18,12 +19,14 @@ __all__ = [
   "aaren",
   "aaren_init_state",
   "aaren_step",
+  "agent_attention",
   "cca_attention",
   "diffqkv_attention",
   "disentangled_attention",
   "dot_product_attention",
   "gated_attention",
   "gaussian_attention",
+  "gla_attention",
   "linear_attention",
   "linear_attention_step",
   "moh_attention",

@@ -127,9 +127,10 @@ def test_zeco_runs_the_pallas_kernel_per_shard():
 
 
 def test_registered_variants_presetting_the_op():
-  q, k, v, log_decay, _, _ = _inputs(4, jnp.float32, "vector")
-  out = sequence_parallel("gla", seq_mesh(), strategy="lasp2")(q, k, v, log_decay=log_decay)
-  ref = linear_attention(q, k, v, log_decay=log_decay, impl="reference")
+  q, k, v, _, _, _ = _inputs(4, jnp.float32, "none")
+  gate_logits = random_normal(jax.random.key(7), (BATCH, SEQ, HEADS, DIM))
+  out = sequence_parallel("gla", seq_mesh(), strategy="lasp2")(q, k, v, gate_logits=gate_logits)
+  ref = registry.get("gla")(q, k, v, gate_logits=gate_logits, impl="reference")
   assert_close(out, ref, 1e-4, "gla")
   with pytest.raises(ValueError, match="got 'flowformer'"):
     sequence_parallel("flowformer", seq_mesh(), strategy="lasp2")

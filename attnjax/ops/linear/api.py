@@ -4,8 +4,13 @@ Linear attention (Katharopoulos et al. 2020, "Transformers are RNNs") with optio
 log space, which covers RetNet / Lightning Attention (a constant per head), data-dependent
 scalar decay (Mamba-2 style) and data-dependent vector decay (GLA):
 
-    S_t = diag(a_t) S_{t-1} + phi(k_t)^T v_t,    o_t = scale * phi(q_t) S_t
-    normalized:  o_t = phi(q_t) S_t / (phi(q_t) z_t + eps),   z_t = a_t z_{t-1} + phi(k_t)
+    S_t = diag(a_t) S_{t-1} + phi(k_t)^T v_t,    o_t = phi(scale * q_t) S_t
+    normalized:  o_t = phi(scale * q_t) S_t / (phi(scale * q_t) z_t + eps),
+                 z_t = a_t z_{t-1} + phi(k_t)
+
+`scale` multiplies the query before the feature map, so it changes the function for every
+map but the identity even when normalized: with BASED's Taylor map the score is
+`1 + s + s^2 / 2` with `s = scale * q.k`.
 
 State heads are the *query* heads: with GQA each query head keeps its own state (the decay
 may differ per query head), so the state is `[batch, heads, key_dim, value_dim]` with
@@ -61,9 +66,11 @@ def linear_attention(
       head), `[batch, seq, heads]` (data-dependent scalar) or `[batch, seq, heads, key_dim]`
       (data-dependent vector over the state's key_dim, GLA).
     feature_map: `phi`, a name from `feature_maps.FEATURE_MAPS` ("identity", "elu+1", "relu",
-      "softmax", "taylor") or a callable `[..., head_dim] -> [..., key_dim]`; None: identity.
-    normalize: divide by `phi(q_t) z_t` (needs a positive feature map, e.g. "elu+1").
-    scale: multiplies `phi(q)`; None means `head_dim ** -0.5`.
+      "softmax", "silu", "taylor") or a callable `[..., head_dim] -> [..., key_dim]`; None:
+      identity.
+    normalize: divide by `phi(scale * q_t) z_t` (needs a positive feature map, e.g. "elu+1").
+    scale: multiplies `q` before the feature map (`phi(scale * q)`); None means
+      `head_dim ** -0.5`.
     initial_state: float32 `[batch, heads, key_dim, value_dim (+1 if normalize)]`, or None
       for zeros.
     return_final_state: also return the state after the last token.
@@ -81,7 +88,7 @@ def linear_attention(
     raise ValueError(f"chunk_size must be a positive int, got chunk_size={chunk_size!r}")
   phi = feature_maps.resolve(feature_map)
   scale = resolve_scale(scale, shape.head_dim)
-  q_features = (phi(q.astype(jnp.float32)) * scale).astype(q.dtype)
+  q_features = phi(q.astype(jnp.float32) * scale).astype(q.dtype)
   k_features = phi(k.astype(jnp.float32)).astype(k.dtype)
   if q_features.shape[:-1] != q.shape[:-1] or k_features.shape[-1] != q_features.shape[-1]:
     raise ValueError(

@@ -65,10 +65,12 @@ def alibi_slopes(heads: int) -> np.ndarray:
 
 
 def lightning_log_decay(heads: int, layer: int = 0, num_layers: int = 1) -> np.ndarray:
-  """`[heads]` log decays of TransNormerLLM / Lightning Attention: `-slope_h * r_layer`.
+  """`[heads]` log decays of TransNormerLLM / Lightning Attention: `-s_h * r_layer`.
 
-  Head h decays at ALiBi slope `s_h`; deeper layers decay less, `r = 1 - layer / (L - 1)` (+ a
-  small floor so the last layer still forgets a little), as in Qin et al. 2023/2024.
+  Head h decays at ALiBi slope `s_h = 2^(-8 h / H)` (`alibi_slopes`); deeper layers decay
+  less, `r = 1 - layer / (L - 1) + 1e-5` (the floor keeps the last layer forgetting a
+  little), the schedule of the TransNormerLLM authors' code (Qin et al. 2023, 2024). A
+  one-layer model (`L = 1`) uses `r = 1 + 1e-5`.
   """
   if not 0 <= layer < num_layers:
     raise ValueError(f"layer must be in [0, num_layers={num_layers}), got layer={layer}")

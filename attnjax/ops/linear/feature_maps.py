@@ -2,6 +2,8 @@
 
 Each map takes `x [..., head_dim]` and returns `[..., feature_dim]`; the state of linear
 attention is `[batch, heads, feature_dim, value_dim]`, so `feature_dim` is its key_dim.
+`linear_attention` applies a map to the scaled queries and to the keys: `phi(scale * q)`,
+`phi(k)`.
 
 | name       | phi(x)                                   | feature_dim          |
 |------------|------------------------------------------|----------------------|
@@ -9,11 +11,14 @@ attention is `[batch, heads, feature_dim, value_dim]`, so `feature_dim` is its k
 | `elu+1`    | elu(x) + 1 (Katharopoulos et al. 2020)   | d                    |
 | `relu`     | max(x, 0)                                | d                    |
 | `softmax`  | softmax(x) over the feature axis         | d                    |
+| `silu`     | x * sigmoid(x) (swish, TransNormerLLM)   | d                    |
 | `taylor`   | [1, x, vec(x x^T) / sqrt(2)] (BASED)     | 1 + d + d^2          |
 
 `taylor` is the second-order Taylor expansion of exp used by BASED (Arora et al. 2024,
-"Simple linear attention language models balance the recall-throughput tradeoff"):
-`phi(q) . phi(k) = 1 + q.k + (q.k)^2 / 2`.
+"Simple linear attention language models balance the recall-throughput tradeoff", Sec. 4):
+`phi(x) . phi(y) = 1 + x.y + (x.y)^2 / 2`, so with the query scaled first,
+`phi(scale * q) . phi(k) = 1 + s + s^2 / 2` with `s = scale * q.k`, the expansion of
+`exp(q.k / sqrt(d))` for `scale = d ** -0.5`.
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ def softmax(x: jax.Array) -> jax.Array:
   return jax.nn.softmax(x, axis=-1)
 
 
+def silu(x: jax.Array) -> jax.Array:
+  """`x * sigmoid(x) [..., d]` (swish), the query and key map of TransNormerLLM."""
+  return jax.nn.silu(x)
+
+
 def taylor(x: jax.Array) -> jax.Array:
   """`[1, x, vec(x x^T) / sqrt(2)] [..., 1 + d + d^2]`, the 2nd-order Taylor map of exp."""
   outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], x.shape[-1] ** 2)
@@ -57,6 +67,7 @@ FEATURE_MAPS: dict[str, FeatureMap] = {
   "elu+1": elu_plus_one,
   "relu": relu,
   "softmax": softmax,
+  "silu": silu,
   "taylor": taylor,
 }
 

@@ -1,17 +1,22 @@
 """Flow attention (Wu et al. 2022, "Flowformer: Linearizing Transformers with Conservation
-Flows", ICML): linear attention normalized by flow conservation.
+Flows", ICML, Sec. 3): linear attention normalized by flow conservation.
 
-With `phi = sigmoid`, queries are sinks and keys are sources. Using means over the visible
-tokens (all tokens, or the prefix `<= i` when causal):
+With `phi = sigmoid`, queries are sinks and keys are sources. The paper's flows are sums over
+the `n` queries and `m` keys; they are written here as means over the visible tokens (all
+tokens, or the prefix `<= i` when causal, as the authors' causal code does), which for
+self-attention (`n = m`) gives the paper's function exactly:
 
     incoming  I_i = phi(q_i) . mean_j phi(k_j)          outgoing  O_j = phi(k_j) . mean_i phi(q_i)
-    conserved incoming  I^_i = phi(q_i) . mean_j (phi(k_j) / O_j)     -> allocation sigmoid(I^_i)
-    conserved outgoing  O^_j = phi(k_j) . mean_i (phi(q_i) / I_i)     -> competition
-    competition  c_j = exp(O^_j) / mean_j' exp(O^_j')   (O^ clipped to [-1, 1], as Flowformer)
-    out_i = sigmoid(I^_i) * sum_j (phi(q_i) . phi(k_j)) c_j v_j / sum_j phi(q_i) . phi(k_j)
+    conserved incoming  I^_i = phi(q_i) . mean_j (phi(k_j) / O_j)
+    conserved outgoing  O^_j = phi(k_j) . mean_i (phi(q_i) / I_i)
+    competition  c_j = exp(O^_j) / mean_j' exp(O^_j')   (= m softmax(O^)_j)
+    allocation   out_i = sigmoid(I^_i) * sum_j w_ij c_j v_j / sum_j w_ij,   w_ij = phi(q_i).phi(k_j)
 
-The last line is normalized linear attention of (phi(q), phi(k), c * v), computed by
-`linear_attention`; the flow statistics are prefix (or total) means, linear in T.
+Causal: the means run over prefixes (`mean_j'` over `j' <= j` for the competition of key j)
+and `O^` is clipped to [-1, 1] before `exp`, as in the authors' causal implementation; the
+bidirectional form is unclipped, as the paper and its non-causal code. The last line is
+normalized linear attention of (phi(q), phi(k), c * v), computed by `linear_attention`; the
+flow statistics are prefix (or total) means, linear in T.
 """
 
 from __future__ import annotations
@@ -114,7 +119,13 @@ def flow_attention(
   mean_q_over_in, sum_q_over_in = mean(phi_q / incoming[..., None], state.sum_q_over_in)
   conserved_in = jnp.sum(phi_q * mean_k_over_out, -1)
   conserved_out = jnp.sum(phi_k * mean_q_over_in, -1)
-  source_weight = jnp.exp(jnp.clip(conserved_out, -1.0, 1.0))
+  if causal:
+    conserved_out = jnp.clip(conserved_out, -1.0, 1.0)
+  else:  # a softmax over keys: shifting by the max keeps exp finite and changes nothing
+    conserved_out = conserved_out - jax.lax.stop_gradient(
+      jnp.max(conserved_out, axis=1, keepdims=True)
+    )
+  source_weight = jnp.exp(conserved_out)
   mean_source, sum_source = mean(source_weight, state.sum_source)
   out, linear = api.linear_attention(
     phi_q,

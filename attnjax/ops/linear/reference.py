@@ -3,7 +3,7 @@
     S_t = diag(exp(log_decay_t)) S_{t-1} + k_t^T v_t        S: [key_dim, value_dim]
     o_t = q_t S_t            (causal)       o_t = q_t S_T    (bidirectional)
 
-`q` and `k` arrive already feature-mapped and scaled by `attnjax.ops.linear_attention`.
+`q` and `k` arrive as `phi(scale * q)` and `phi(k)` from `attnjax.ops.linear_attention`.
 """
 
 from __future__ import annotations

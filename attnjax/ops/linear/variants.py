@@ -1,39 +1,39 @@
 """Linear-family variants, registered for models and configs (`attnjax.registry`).
 
-Variants that differ from `linear_attention` only by arguments are registered with those
-arguments as `defaults`; decay schedules that depend on the head count are thin wrappers.
+Each variant's op is a pure function of q, k, v (and per-token gate logits for GLA); its NNX
+mixer (`attnjax.nn.linear`) owns the projections and, where the paper's layer has them, the
+output norm and gate of `gates`. What each registered op computes (`phi` the feature map,
+`scale` multiplying q before it, `a` the state decay):
+
+- `linear` (Katharopoulos et al. 2020, Sec. 3.2): `o_i = phi(q_i) sum_j phi(k_j) v_j^T /
+  phi(q_i) sum_j phi(k_j)` with `phi = elu + 1` and no scaling (`scale=1.0`).
+- `based` (Arora et al. 2024, Sec. 4): the same normalized form with the 2nd-order Taylor map,
+  `phi(scale q) . phi(k) = 1 + s + s^2 / 2`, `s = q.k / sqrt(d)` (`d` the q/k size, BASED's
+  `feature_dim`), the expansion of `exp(q.k / sqrt(d))`.
+- `lightning`, `retention`: constant per-head decays (`lightning_attention`, `retention`).
+- `gla`: data-dependent vector decay (`gla.gla_attention`).
+- `lightnet`: additive recurrence (`lightnet.lightnet_attention`).
+- `flowformer`: flow-conservation normalization (`flowformer.flow_attention`).
+
+Variants that preset `linear_attention` keywords split under sequence parallelism through
+their `preset`, which gives the keywords of `linear_attention` that compute the same call.
 BASED hybrids alternate `based` with `sliding_window` (softmax, `masks.sliding_window(w - 1)`)
 through a model's `layer_pattern`, e.g. `"based,sliding_window"`.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import jax
 import jax.numpy as jnp
 
 from attnjax import registry
-from attnjax.ops.linear import agent, api, decay, flowformer, lightnet
-from attnjax.ops.softmax import api as softmax_api
+from attnjax.ops.linear import api, decay, flowformer, gla, lightnet
 
-
-def lightning_attention(
-  q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int = 0, num_layers: int = 1, **kwargs
-):
-  """`linear_attention` with TransNormerLLM's per-head constant decay for `layer`."""
-  options = {**kwargs, "layer": layer, "num_layers": num_layers}
-  return api.linear_attention(
-    q, k, v, **decay_keywords(decay.lightning_log_decay, options, q.shape[2])
-  )
-
-
-def retention(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs):
-  """`linear_attention` with RetNet's multi-scale per-head decay `1 - 2^(-5 - h)`."""
-  return api.linear_attention(
-    q, k, v, **decay_keywords(decay.retention_log_decay, kwargs, q.shape[2])
-  )
+# TransNormerLLM's queries and keys: swish(X W), unscaled (its norm after the op replaces the
+# softmax scaling).
+LIGHTNING_FEATURES = {"feature_map": "silu", "scale": 1.0}
 
 
 def decay_keywords(decay_fn, kwargs: dict, heads: int) -> dict:
@@ -46,6 +46,50 @@ def decay_keywords(decay_fn, kwargs: dict, heads: int) -> dict:
   return {**kwargs, "log_decay": jnp.asarray(decay_fn(heads, **decay_options))}
 
 
+def lightning_keywords(kwargs: dict, heads: int) -> dict:
+  """`linear_attention` keywords equal to `lightning_attention(**kwargs)` on `heads`."""
+  return decay_keywords(decay.lightning_log_decay, {**LIGHTNING_FEATURES, **kwargs}, heads)
+
+
+def lightning_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int = 0, num_layers: int = 1, **kwargs
+):
+  """TransNormerLLM's lightning attention: swish features, a constant decay per head and depth.
+
+  Qin et al. 2023, "TransNormerLLM" (arXiv 2307.14995, Sec. 3.1), computed blockwise by
+  Lightning Attention-2 (Qin et al. 2024, arXiv 2401.04658):
+
+      q_t = swish(q_t), k_t = swish(k_t)            (feature_map="silu", scale=1.0)
+      S_t = lambda_h S_{t-1} + k_t^T v_t,   o_t = q_t S_t
+      lambda_h = exp(-s_h * (1 - layer / (num_layers - 1) + 1e-5)),   s_h = 2^(-8 h / H)
+
+  (`decay.lightning_log_decay`; `H` heads, `h = 1..H`). `layer` is this layer's index among
+  `num_layers`; other keywords are `linear_attention`'s (`feature_map`, `scale` override the
+  swish features). The layer's SRMSNorm and output gate are `gates.srms_norm_gate`.
+  """
+  options = {**kwargs, "layer": layer, "num_layers": num_layers}
+  return api.linear_attention(q, k, v, **lightning_keywords(options, q.shape[2]))
+
+
+def retention_keywords(kwargs: dict, heads: int) -> dict:
+  """`linear_attention` keywords equal to `retention(**kwargs)` on `heads`."""
+  return decay_keywords(decay.retention_log_decay, kwargs, heads)
+
+
+def retention(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs):
+  """RetNet's retention with multi-scale decay (Sun et al. 2023, arXiv 2307.08621, Sec. 2).
+
+      o_n = sum_{m <= n} gamma_h^(n - m) (scale q_n) . k_m v_m,   gamma_h = 1 - 2^(-5 - h)
+
+  for head `h = 0..H-1` (`decay.retention_log_decay`), `scale = head_dim ** -0.5` by default.
+  q and k arrive with RetNet's rotation `e^(i n theta)` applied (the mixer's rotary
+  embedding). Keywords are `linear_attention`'s. The paper's further normalizations of the
+  retention scores are for numerical stability and cancel in the GroupNorm that follows;
+  the layer's GroupNorm and swish gate are `gates.group_norm_swish_gate`.
+  """
+  return api.linear_attention(q, k, v, **retention_keywords(kwargs, q.shape[2]))
+
+
 def same_keywords(kwargs: dict, heads: int) -> dict:
   """A variant that only presets `linear_attention` keywords passes its call through."""
   del heads
@@ -55,10 +99,10 @@ def same_keywords(kwargs: dict, heads: int) -> dict:
 _LINEAR = registry.Capabilities(
   causal=True, bidirectional=True, causal_keyword=True, state=True, split="state"
 )
-_MODULE = "attnjax.nn.linear:LinearAttention"
+_MIXERS = "attnjax.nn.linear"
 
 
-def _register(name, op, paper, description, **options):
+def _register(name, op, paper, description, *, mixer="LinearAttention", **options):
   registry.register(
     name,
     op,
@@ -66,7 +110,7 @@ def _register(name, op, paper, description, **options):
     paper=paper,
     description=description,
     impls=tuple(api.IMPLS),
-    module=_MODULE,
+    module=f"{_MIXERS}:{mixer}",
     **{"capabilities": _LINEAR, "preset": same_keywords, **options},
   )
 
@@ -76,7 +120,7 @@ def _gla_example(key, *, batch, seq, heads, kv_heads, head_dim):
     key, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim
   )
   gate_logits = jax.random.normal(jax.random.fold_in(key, 1), (batch, seq, heads, head_dim))
-  return (q, k, v), {"log_decay": jax.nn.log_sigmoid(gate_logits) / 16.0}
+  return (q, k, v), {"gate_logits": gate_logits}
 
 
 _register(
@@ -84,35 +128,40 @@ _register(
   api.linear_attention,
   "Katharopoulos et al. 2020, Transformers are RNNs (arXiv 2006.16236)",
   "normalized linear attention, elu+1 features",
-  defaults={"feature_map": "elu+1", "normalize": True},
+  defaults={"feature_map": "elu+1", "normalize": True, "scale": 1.0},
 )
 _register(
   "lightning",
   lightning_attention,
   "Qin et al. 2024, Lightning Attention-2 / TransNormerLLM (arXiv 2401.04658, 2307.14995)",
-  "constant per-head decay (ALiBi slopes by depth), output gate, RMS norm",
-  preset=functools.partial(decay_keywords, decay.lightning_log_decay),
+  "swish features, constant per-head decay (ALiBi slopes by depth); SRMSNorm, output gate",
+  mixer="LightningAttention",
+  preset=lightning_keywords,
 )
 _register(
   "retention",
   retention,
   "Sun et al. 2023, Retentive Network (arXiv 2307.08621)",
-  "multi-scale retention: per-head decay 1 - 2^(-5-h)",
-  preset=functools.partial(decay_keywords, decay.retention_log_decay),
+  "multi-scale retention: per-head decay 1 - 2^(-5-h); rotary, GroupNorm, swish gate",
+  mixer="MultiScaleRetention",
+  preset=retention_keywords,
 )
 _register(
   "gla",
-  api.linear_attention,
+  gla.gla_attention,
   "Yang et al. 2024, Gated Linear Attention Transformers (arXiv 2312.06635)",
-  "data-dependent vector decay (log_decay [b, t, h, key_dim])",
+  "data-dependent decay sigmoid(gate_logits)^(1/16) per key channel; norm, swish gate",
+  mixer="GatedLinearAttention",
+  preset=gla.gla_keywords,
   example=_gla_example,
 )
 _register(
   "based",
   api.linear_attention,
   "Arora et al. 2024, Simple linear attention language models (BASED, arXiv 2402.18668)",
-  "2nd-order Taylor features, normalized; hybrid with sliding_window via layer_pattern",
+  "2nd-order Taylor features of exp(q.k / sqrt(d)), normalized; hybrid with sliding_window",
   defaults={"feature_map": "taylor", "normalize": True},
+  mixer="BasedAttention",
 )
 _register(
   "lightnet",
@@ -131,15 +180,4 @@ _register(
     causal=True, bidirectional=True, causal_keyword=True, state=True
   ),
   preset=None,
-)
-registry.register(
-  "agent",
-  agent.agent_attention,
-  family="softmax",
-  paper="Han et al. 2024, Agent Attention (ECCV, arXiv 2312.08874)",
-  description="softmax through pooled agent tokens (bidirectional)",
-  capabilities=registry.Capabilities(causal=False, bidirectional=True),
-  impls=tuple(softmax_api.IMPLS),
-  module=_MODULE,
-  example=lambda key, **sizes: (registry.random_qkv(key, **sizes), {"num_agents": 4}),
 )

@@ -19,7 +19,13 @@ import pytest
 from attnjax import registry
 from attnjax.ops import linear_attention, linear_attention_step
 from attnjax.ops.linear import feature_maps
-from tests.helpers import TOL_BLOCKED_F32, TOL_EXACT_F32, assert_close, tolerance
+from tests.helpers import (
+  TOL_BLOCKED_F32,
+  TOL_EXACT_F32,
+  assert_close,
+  assert_matches_reference,
+  tolerance,
+)
 
 FAST_IMPLS = ["xla", "pallas_interpret"]
 DECAY_KINDS = ["none", "head", "scalar", "vector"]
@@ -57,7 +63,7 @@ def make_inputs(
   dtype=jnp.float32,
   with_state=True,
 ):
-  """(q, k, v, log_decay, initial_state, cotangents) drawn fresh from `seed`."""
+  """(q, k, v, log_decay, initial_state) drawn fresh from `seed`."""
   rng = np.random.default_rng(seed)
   q = normal(rng, (batch, seq, heads, head_dim), dtype)
   k = normal(rng, (batch, seq, kv_heads, head_dim), dtype)
@@ -68,45 +74,23 @@ def make_inputs(
   if with_state:
     state_dim = value_dim + 1 if normalize else value_dim
     state = jnp.asarray(rng.uniform(0.0, 1.0, (batch, heads, key_dim, state_dim)), jnp.float32)
-  # Random cotangents for (out, final_state), drawn here: random draws inside jit compile slowly.
-  cotangents = (
-    normal(rng, (batch, seq, heads, value_dim)),
-    normal(rng, (batch, heads, key_dim, value_dim + 1 if normalize else value_dim)),
+  return q, k, v, log_decay, state
+
+
+def check_matches_reference(impl, inputs, tol, **options):
+  """`impl` equals the reference on outputs, final states and every input's gradient."""
+  q, k, v, log_decay, state = inputs
+  kwargs = dict(log_decay=log_decay, initial_state=state, return_final_state=True, **options)
+  out, final = linear_attention(q, k, v, impl=impl, **kwargs)
+  assert out.dtype == q.dtype and final.dtype == jnp.float32
+  assert_matches_reference(
+    functools.partial(linear_attention, impl=impl),
+    functools.partial(linear_attention, impl="reference"),
+    (q, k, v),
+    kwargs,
+    tol,
+    f"{impl} {options}",
   )
-  return q, k, v, log_decay, state, cotangents
-
-
-@functools.partial(
-  jax.jit, static_argnames=["impl", "causal", "feature_map", "normalize", "chunk_size"]
-)
-def outputs_and_grads(impl, q, k, v, log_decay, state, cotangents, **options):
-  """(out, final_state) and the gradients of `<(out, final_state), cotangents>`."""
-
-  def run(q, k, v, log_decay, state):
-    return linear_attention(
-      q, k, v, log_decay=log_decay, initial_state=state, return_final_state=True, impl=impl,
-      **options,
-    )  # fmt: skip
-
-  outputs, vjp = jax.vjp(run, q, k, v, log_decay, state)
-  return outputs, vjp(tuple(ct.astype(x.dtype) for ct, x in zip(cotangents, outputs, strict=True)))
-
-
-def assert_matches_reference(impl, inputs, tol, **options):
-  q, k, v, log_decay, state, cotangents = inputs
-  (out, final), grads = outputs_and_grads(impl, q, k, v, log_decay, state, cotangents, **options)
-  upcast = [None if x is None else x.astype(jnp.float32) for x in (q, k, v, log_decay, state)]
-  (ref_out, ref_final), ref_grads = outputs_and_grads("reference", *upcast, cotangents, **options)
-  assert out.dtype == q.dtype and out.shape == ref_out.shape
-  assert final.dtype == jnp.float32
-  assert_close(out, ref_out, tol, "out")
-  assert_close(final, ref_final, tol, "final_state")
-  for name, grad, ref_grad in zip(
-    ["dq", "dk", "dv", "dlog_decay", "dstate"], grads, ref_grads, strict=True
-  ):
-    if ref_grad is not None:
-      assert grad.shape == ref_grad.shape, name
-      assert_close(grad, ref_grad, 2 * tol, name)
 
 
 # Feature maps are applied by the op before dispatch, so the kernel sees two of them.
@@ -123,11 +107,11 @@ IMPL_FEATURE_MAP_CASES = [("xla", "vector", *case) for case in FEATURE_MAP_CASES
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 def test_matches_reference_for_every_decay_kind(impl, decay, causal):
   inputs = make_inputs(0, decay=decay)
-  assert_matches_reference(impl, inputs, TOL_BLOCKED_F32, causal=causal, chunk_size=16)
+  check_matches_reference(impl, inputs, TOL_BLOCKED_F32, causal=causal, chunk_size=16)
 
 
 def test_auto_runs_where_the_kernel_is_unsupported():
-  q, k, v, log_decay, _, _ = make_inputs(0, seq=9, decay="vector")
+  q, k, v, log_decay, _ = make_inputs(0, seq=9, decay="vector")
   if jax.default_backend() != "tpu":
     with pytest.raises(registry.Unsupported, match="TPU"):
       linear_attention(q, k, v, log_decay=log_decay, impl="pallas")
@@ -141,7 +125,7 @@ def test_matches_reference_for_every_feature_map(impl, decay, feature_map, norma
     1, head_dim=4, seq=21, decay=decay, feature_map=feature_map, normalize=normalize
   )
   options = dict(feature_map=feature_map, normalize=normalize, chunk_size=8)
-  assert_matches_reference(impl, inputs, TOL_BLOCKED_F32, **options)
+  check_matches_reference(impl, inputs, TOL_BLOCKED_F32, **options)
 
 
 @pytest.mark.parametrize(
@@ -150,7 +134,7 @@ def test_matches_reference_for_every_feature_map(impl, decay, feature_map, norma
 )
 def test_bfloat16_inputs(impl, decay):
   inputs = make_inputs(2, decay=decay, dtype=jnp.bfloat16)
-  assert_matches_reference(impl, inputs, tolerance(jnp.bfloat16), chunk_size=16)
+  check_matches_reference(impl, inputs, tolerance(jnp.bfloat16), chunk_size=16)
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
@@ -177,14 +161,14 @@ def test_matches_reference_over_shapes(
     value_dim=head_dim,
     decay=decay,
   )
-  assert_matches_reference(impl, inputs, TOL_BLOCKED_F32, chunk_size=chunk_size)
+  check_matches_reference(impl, inputs, TOL_BLOCKED_F32, chunk_size=chunk_size)
 
 
 def dense_linear_attention(q, k, v, log_decay, *, scale, causal, normalize, phi):
   """Quadratic form `o_i = sum_j phi(q_i) diag(prod_{j<r<=i} a_r) phi(k_j) v_j`, GQA by repeat."""
   groups = q.shape[2] // k.shape[2]
   k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-  fq, fk = phi(q) * scale, phi(k)
+  fq, fk = phi(q * scale), phi(k)
   seq = q.shape[1]
   cum = jnp.cumsum(log_decay, axis=1)  # [b, t, h, f]
   end = cum[:, -1:] if not causal else cum
@@ -204,7 +188,7 @@ def dense_linear_attention(q, k, v, log_decay, *, scale, causal, normalize, phi)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize(("feature_map", "normalize"), [(None, False), ("elu+1", True)])
 def test_reference_matches_dense_quadratic_form(feature_map, normalize, causal):
-  q, k, v, log_decay, _, _ = make_inputs(
+  q, k, v, log_decay, _ = make_inputs(
     3, seq=19, decay="vector", feature_map=feature_map, with_state=False
   )
   out = linear_attention(
@@ -229,7 +213,7 @@ def test_reference_matches_dense_quadratic_form(feature_map, normalize, causal):
 )
 def test_step_by_step_decoding_matches_chunked(decay, normalize):
   fmap = "elu+1" if normalize else None
-  q, k, v, log_decay, state, _ = make_inputs(
+  q, k, v, log_decay, state = make_inputs(
     4, seq=13, decay=decay, feature_map=fmap, normalize=normalize
   )
   options = dict(feature_map=fmap, normalize=normalize)
@@ -249,7 +233,7 @@ def test_step_by_step_decoding_matches_chunked(decay, normalize):
 
 @pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
 def test_state_passing_splits_the_sequence(impl):
-  q, k, v, log_decay, state, _ = make_inputs(5, seq=40, decay="vector")
+  q, k, v, log_decay, state = make_inputs(5, seq=40, decay="vector")
   run = functools.partial(linear_attention, return_final_state=True, impl=impl, chunk_size=16)
   out, final = run(q, k, v, log_decay=log_decay, initial_state=state)
   half = 20
@@ -266,7 +250,7 @@ def test_state_passing_splits_the_sequence(impl):
 @pytest.mark.parametrize("decay", ["scalar", "vector"])
 def test_long_sequence_with_strong_decay_stays_finite_and_exact(decay):
   seq = 65_536
-  q, k, v, _, _, _ = make_inputs(6, batch=1, seq=seq, heads=1, kv_heads=1, head_dim=4,
+  q, k, v, _, _ = make_inputs(6, batch=1, seq=seq, heads=1, kv_heads=1, head_dim=4,
                                    value_dim=4, with_state=False)  # fmt: skip
   # Per-token decays down to exp(-8): a naive exp(-cumsum) would overflow after ~11 tokens.
   log_decay = make_log_decay(decay, np.random.default_rng(6), 1, seq, 1, 4, strength=8.0)
@@ -279,9 +263,42 @@ def test_long_sequence_with_strong_decay_stays_finite_and_exact(decay):
   assert_close(final, ref_final, TOL_BLOCKED_F32, "final_state")
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_taylor_features_expand_exp_of_the_scaled_score(causal):
+  # BASED: weights 1 + s + s^2 / 2 with s = scale * q.k, normalized over the visible keys.
+  q, k, v, _, _ = make_inputs(9, seq=17, head_dim=5, with_state=False)
+  scale = 0.37
+  out = linear_attention(
+    q, k, v, feature_map="taylor", normalize=True, scale=scale, causal=causal, impl="reference"
+  )
+  k_rep, v_rep = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+  s = scale * jnp.einsum("bihd,bjhd->bhij", q, k_rep)
+  weights = 1 + s + s**2 / 2
+  if causal:
+    weights = jnp.where(jnp.tril(jnp.ones((17, 17), bool)), weights, 0.0)
+  expected = jnp.einsum("bhij,bjhv->bihv", weights, v_rep)
+  expected = expected / (weights.sum(-1).transpose(0, 2, 1)[..., None] + 1e-6)
+  assert_close(out, expected, TOL_EXACT_F32, "taylor")
+
+
+def test_scale_multiplies_q_before_the_feature_map():
+  q, k, v, _, _ = make_inputs(10, seq=9, with_state=False)
+  for feature_map in ("elu+1", "silu", "relu"):
+    out = linear_attention(q, k, v, feature_map=feature_map, scale=0.5, impl="reference")
+    phi = feature_maps.resolve(feature_map)
+    unscaled = linear_attention(phi(0.5 * q), phi(k), v, scale=1.0, impl="reference")
+    assert_close(out, unscaled, TOL_EXACT_F32, feature_map)
+  # Normalized: the scale no longer cancels between numerator and denominator.
+  options = dict(feature_map="elu+1", normalize=True, impl="reference")
+  assert not np.allclose(
+    linear_attention(q, k, v, scale=0.5, **options), linear_attention(q, k, v, scale=1.0, **options)
+  )
+
+
 def test_feature_map_dims():
   x = normal(np.random.default_rng(7), (3, 5))
-  for name, dim in [("identity", 5), ("elu+1", 5), ("relu", 5), ("softmax", 5), ("taylor", 31)]:
+  maps = [("identity", 5), ("elu+1", 5), ("relu", 5), ("softmax", 5), ("silu", 5), ("taylor", 31)]
+  for name, dim in maps:
     assert feature_maps.resolve(name)(x).shape == (3, dim)
     assert feature_maps.feature_dim(name, 5) == dim
   taylor = feature_maps.resolve("taylor")
@@ -290,7 +307,7 @@ def test_feature_map_dims():
 
 
 def test_bad_inputs_raise_value_errors_naming_the_argument():
-  q, k, v, _, _, _ = make_inputs(8, seq=6, with_state=False)
+  q, k, v, _, _ = make_inputs(8, seq=6, with_state=False)
   with pytest.raises(ValueError, match="log_decay must be"):
     linear_attention(q, k, v, log_decay=jnp.zeros((3,)))
   with pytest.raises(ValueError, match=r"initial_state must be .*\(2, 4, 12, 10\)"):
