@@ -1,15 +1,6 @@
-"""Local attention variants built on the neighborhood machinery, registered for models.
-
-- `neighborhood`: NATTEN neighborhood attention (also 1-D: a sliding window shifted inward at
-  the borders, or causal for language models).
-- `halo`: HaloNet blocked local self-attention (query blocks see their block plus a halo).
-- `maxvit`: MaxViT multi-axis attention, one partition per call (block or grid); its mixer
-  applies block attention, then grid attention.
-- `biformer`: BiFormer bi-level routing attention (region top-k routing, then token
-  attention over the union of routed regions).
-
-The first three are separable window masks executed by `api.local_attention` (reference, XLA
-tiles, Pallas kernel). BiFormer's mask depends on the data, so its fast form gathers the
+"""BiFormer bi-level routing attention (Zhu et al. 2023, "BiFormer: Vision Transformer with
+Bi-Level Routing Attention", arXiv 2303.08125): region top-k routing, then token attention over
+the union of the routed regions. The mask depends on the data, so the fast form gathers the
 routed regions per query region (a per-query-block dynamic block list) in pure JAX.
 """
 
@@ -24,84 +15,7 @@ import numpy as np
 
 from attnjax import registry
 from attnjax.ops.common import resolve_scale
-from attnjax.ops.neighborhood import api, blockwise, window
-
-
-def halo_attention(
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
-  *,
-  block_size: int | tuple[int, ...] = 8,
-  halo_size: int | tuple[int, ...] = 3,
-  scale: float | None = None,
-  impl: str = "auto",
-  block_sizes: blockwise.BlockSizes | None = None,
-) -> jax.Array:
-  """HaloNet blocked local self-attention (Vaswani et al. 2021, arXiv 2103.12731).
-
-  The spatial axes are cut into non-overlapping query blocks of `block_size`; every query of a
-  block attends to the keys of the block widened by `halo_size` on each side. Halo positions
-  outside the input are masked (not zero-padded keys), so border rows see fewer keys.
-
-  Args:
-    q: `[batch, *spatial, heads, head_dim]`, 1-3 spatial axes, each divisible by block_size.
-    k, v: `[batch, *spatial, kv_heads, head_dim | value_dim]`.
-    block_size, halo_size: int or one per spatial axis.
-
-  Returns:
-    `[batch, *spatial, heads, value_dim]`.
-  """
-  n = len(api.check_spatial_qkv(q, k, v))
-  windows = tuple(
-    window.Blocked(b, h)
-    for b, h in zip(
-      api.per_axis("block_size", block_size, n, int),
-      api.per_axis("halo_size", halo_size, n, int),
-      strict=True,
-    )
-  )
-  return api.local_attention(
-    q, k, v, windows=windows, scale=scale, impl=impl, block_sizes=block_sizes
-  )
-
-
-def maxvit_attention(
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
-  *,
-  partition: str = "block",
-  window_size: int | tuple[int, ...] = 7,
-  scale: float | None = None,
-  impl: str = "auto",
-  block_sizes: blockwise.BlockSizes | None = None,
-) -> jax.Array:
-  """MaxViT multi-axis attention, one partition (Tu et al. 2022, arXiv 2204.01697).
-
-  `partition="block"`: attention within non-overlapping windows of `window_size` positions
-  per axis (local). `partition="grid"`: attention within a `window_size` grid per axis whose
-  positions are `size // window_size` apart (sparse, global; dilated attention). The MaxViT
-  block applies block attention, then grid attention (see `attnjax.nn.local`).
-
-  Args:
-    q: `[batch, *spatial, heads, head_dim]`; every spatial size divisible by window_size.
-    k, v: `[batch, *spatial, kv_heads, head_dim | value_dim]`.
-
-  Returns:
-    `[batch, *spatial, heads, value_dim]`.
-  """
-  spatial = api.check_spatial_qkv(q, k, v)
-  sizes = api.per_axis("window_size", window_size, len(spatial), int)
-  if partition == "block":
-    windows = tuple(window.Blocked(s) for s in sizes)
-  elif partition == "grid":
-    windows = tuple(window.Grid(s, n) for s, n in zip(sizes, spatial, strict=True))
-  else:
-    raise ValueError(f"partition must be 'block' or 'grid', got partition={partition!r}")
-  return api.local_attention(
-    q, k, v, windows=windows, scale=scale, impl=impl, block_sizes=block_sizes
-  )
+from attnjax.ops.neighborhood import api, window
 
 
 def route_regions(q: jax.Array, k: jax.Array, *, region_size, topk: int) -> jax.Array:
@@ -200,26 +114,6 @@ def _region_plan(spatial, region_size) -> window.TilePlan:
 
 BIFORMER_IMPLS = {"reference": _biformer_reference, "xla": _biformer_gather}
 
-
-api.register_local(
-  "halo",
-  halo_attention,
-  "Vaswani et al. 2021, Scaling Local Self-Attention (HaloNet, arXiv 2103.12731)",
-  "query blocks attend to their block plus a halo",
-  example=functools.partial(
-    api.spatial_example, spatial=(6, 8), options={"block_size": (2, 4), "halo_size": 1}
-  ),
-)
-api.register_local(
-  "maxvit",
-  maxvit_attention,
-  "Tu et al. 2022, MaxViT: Multi-Axis Vision Transformer (arXiv 2204.01697)",
-  "block attention then grid (dilated) attention",
-  module="attnjax.nn.local:MultiAxisAttention",
-  example=functools.partial(
-    api.spatial_example, spatial=(6, 8), options={"partition": "grid", "window_size": 2}
-  ),
-)
 api.register_local(
   "biformer",
   biformer_attention,
