@@ -73,7 +73,7 @@ def test_intercept_sees_each_call_with_the_variants_defaults_and_is_removed_afte
   with registry.intercept(hook):
     inside = registry.get("linear")(q, q, q, impl="reference")
   outside = registry.get("linear")(q, q, q, impl="reference")
-  assert seen == [("linear", ["feature_map", "impl", "normalize"])]
+  assert seen == [("linear", ["feature_map", "impl", "normalize", "scale"])]
   assert jnp.array_equal(inside, outside)
 
 

@@ -19,12 +19,13 @@ What the rows hold:
   taken by the learned sink logit and sink tokens (`attnjax.analysis.learned_sink_mass`).
 - `softplus`: its normalized softplus weights (rows sum to 1).
 - linear family: the equivalent causal weight matrix
-  `W[t, s] = scale * phi(q_t) . (prod_{r=s+1..t} a_r) phi(k_s)`, divided by the row's
+  `W[t, s] = phi(scale * q_t) . (prod_{r=s+1..t} a_r) phi(k_s)`, divided by the row's
   normalizer where the variant normalizes (`linear`, `based`: rows sum to 1 up to the
   normalizer's eps; `flowformer`: rows sum to its allocation `sigmoid(I^_t)`, which scales the
   whole row). `lightning`, `retention`, `gla` and `lightnet` are unnormalized: their weights
-  are returned as is (rows do not sum to 1 and weights may be negative). The output gate and
-  RMS norm of gated linear mixers act after the op and are left out.
+  are returned as is (rows do not sum to 1 and weights may be negative). The output gates and
+  norms of the gated linear mixers (GroupNorm for retention, per-head LayerNorm for gla,
+  SRMSNorm for lightning; `attnjax.ops.linear.gates`) act after the op and are left out.
 
 Other variants raise `ValueError` naming the variant.
 """

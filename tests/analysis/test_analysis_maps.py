@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attnjax import masks, nn, registry
+from attnjax import nn, registry
 from attnjax.analysis import attention_maps
 from attnjax.analysis.maps import NEUTRALIZERS, weight_matrix
+from attnjax.nn.rope import apply_rope
 from attnjax.ops.linear import decay
 from configs.mqar import VARIANT_OPTIONS
 from tests.helpers import TOL_EXACT_F32, assert_close
@@ -113,6 +114,9 @@ def test_sink_maps_leave_the_sink_share_out_of_each_row(num_sink_tokens):
 def _linear_weights(mixer, x, *, normalize, log_decay=None):
   """`[b, h, t, s]` causal weights of linear attention computed by hand from the mixer."""
   q, k = (jnp.einsum("btd,dhk->bthk", x, w[...]) for w in (mixer.q, mixer.k))
+  if getattr(mixer, "use_rope", False):  # retention: RetNet's rotary positions e^(i n theta)
+    positions = jnp.arange(x.shape[1])
+    q, k = (apply_rope(y, positions, base=mixer.rope_base) for y in (q, k))
   if normalize:  # `linear`: elu+1 features, rows divided by their sum (+ eps)
     q, k = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1
   scores = jnp.einsum("bthf,bshf->bhts", q, k) * q.shape[-1] ** -0.5
@@ -151,20 +155,14 @@ PLAIN = sorted(n for n, f in NEUTRALIZERS.items() if f.__name__ == "_unchanged")
 
 @pytest.mark.parametrize("variant", PLAIN)
 def test_maps_times_values_reproduce_the_op_output(variant):
-  keys = jax.random.split(jax.random.key(3), 3)
-  q = jax.random.normal(keys[0], (1, 11, 4, 8))
-  k, v = (jax.random.normal(key, (1, 11, 2, 8)) for key in keys[1:])
-  options = {"causal": True} if variant == "disentangled" else VARIANT_OPTIONS.get(variant, {})
-  if variant == "disentangled":  # relative-position queries and keys [buckets, heads, dim]
-    rel = jax.random.normal(keys[0], (8, 4, 8)) * 0.3
-    args, options = (q, k, v, rel, rel[:, ::2]), {"mask": masks.causal()}
-  else:
-    args = (q, k, v)
   var = registry.get(variant)
-  kwargs = {**var.defaults, **options, "impl": "reference"}
+  args, options = var.example_inputs(jax.random.key(3), batch=1, seq=11, heads=4, head_dim=8)
+  causal = var.capabilities.causal_options() or {}
+  kwargs = {**var.defaults, **options, **causal, "impl": "reference"}
   weights = weight_matrix(var, args, kwargs)
   out = var.op(*args, **kwargs)
-  grouped_v = jnp.repeat(v, 2, axis=2)
+  v = args[2]
+  grouped_v = jnp.repeat(v, out.shape[2] // v.shape[2], axis=2)
   assert_close(jnp.einsum("bhts,bshd->bthd", weights, grouped_v), out, 1e-4, variant)
 
 
