@@ -303,9 +303,14 @@ class DisentangledAttention(Attention):
   """DeBERTa's disentangled attention (He et al. 2021): content and relative-position terms.
 
   Beyond `Attention`'s parameters: relative position embeddings `rel_embed [num_buckets,
-  embed]`, projected by the content `q` and `k` weights (shared, as DeBERTa v2 does) into the
-  position queries and keys. Bidirectional unless `causal=True` (for next-token training);
-  rotary positions are off by default, since the relative terms carry position.
+  embed]` (the paper's P, 2k rows for k = num_buckets // 2) and their projections into
+  position queries and keys, `q_rel [embed, heads, head_dim]` and `k_rel [embed, kv_heads,
+  head_dim]` (the paper's W_{q,r}, W_{k,r}). `share_position_projections=True` projects P with
+  the content `q` and `k` weights instead (DeBERTa v2's code), adding no projection.
+  `max_distance` switches to v2's log buckets (see `attnjax.ops.disentangled_attention`).
+  The paper shares P across layers; here every layer owns its own. Bidirectional unless
+  `causal=True` (for next-token training); rotary positions are off by default, since the
+  relative terms carry position.
   """
 
   def __init__(
@@ -315,7 +320,8 @@ class DisentangledAttention(Attention):
     variant: str = "disentangled",
     rngs: nnx.Rngs,
     num_buckets: int = 32,
-    max_distance: int = 128,
+    max_distance: int | None = None,
+    share_position_projections: bool = False,
     causal: bool = False,
     use_rope: bool = False,
     **attention_options,
@@ -334,13 +340,16 @@ class DisentangledAttention(Attention):
     self.rel_embed = param(
       rngs, nnx.initializers.normal(1.0), (num_buckets, embed_dim), (None, "embed")
     )
+    own = not share_position_projections
+    q_axes, k_axes = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
+    self.q_rel = param(rngs, fan_in_init(), self.q.shape, q_axes) if own else None
+    self.k_rel = param(rngs, fan_in_init(), self.k.shape, k_axes) if own else None
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     _, q, k, v = self.project_qkv(x)
     rel = self.rel_embed[...].astype(self.dtype)
-    q_rel, k_rel = (
-      jnp.einsum("rd,dhk->rhk", rel, w[...].astype(self.dtype)) for w in (self.q, self.k)
-    )
+    projections = (self.q, self.k) if self.q_rel is None else (self.q_rel, self.k_rel)
+    q_rel, k_rel = (jnp.einsum("rd,dhk->rhk", rel, w[...].astype(self.dtype)) for w in projections)
     out = self.attend(
       q,
       k,

@@ -99,14 +99,25 @@ def test_diffqkv_mixer_projects_fewer_k_heads_and_an_augmented_q():
   assert_close(m(x), _out(m, heads), TOL_EXACT_F32, "diffqkv")
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_disentangled_mixer_projects_shared_relative_embeddings(causal):
-  m, x = _mixer("disentangled", num_buckets=8, max_distance=16, causal=causal), _x()
+@pytest.mark.parametrize(
+  "causal,share,max_distance", [(False, False, None), (True, False, 16), (False, True, None)]
+)
+def test_disentangled_mixer_projects_its_relative_embeddings(causal, share, max_distance):
+  m = _mixer(
+    "disentangled",
+    num_buckets=8,
+    max_distance=max_distance,
+    share_position_projections=share,
+    causal=causal,
+  )
+  x = _x()
   q, k, v = (jnp.einsum("btd,dhk->bthk", x, w[...]) for w in (m.q, m.k, m.v))  # no rotary
-  q_rel, k_rel = (jnp.einsum("rd,dhk->rhk", m.rel_embed[...], w[...]) for w in (m.q, m.k))
+  assert (m.q_rel is None) == share
+  projections = (m.q, m.k) if share else (m.q_rel, m.k_rel)  # W_{q,r}, W_{k,r} of the paper
+  q_rel, k_rel = (jnp.einsum("rd,dhk->rhk", m.rel_embed[...], w[...]) for w in projections)
   mask = masks.causal() if causal else None
-  heads = disentangled_attention(q, k, v, q_rel, k_rel, max_distance=16, mask=mask)
-  assert_close(m(x), _out(m, heads), TOL_EXACT_F32, f"causal={causal}")
+  heads = disentangled_attention(q, k, v, q_rel, k_rel, max_distance=max_distance, mask=mask)
+  assert_close(m(x), _out(m, heads), TOL_EXACT_F32, f"causal={causal} share={share}")
 
 
 def test_softplus_is_served_by_the_attention_mixer():

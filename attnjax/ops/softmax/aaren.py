@@ -1,12 +1,13 @@
 """Aaren: attention as a many-to-many RNN (Feng et al. 2024, "Attention as an RNN",
 arXiv 2405.13956).
 
-With one query `q` shared by every step (Aaren learns it), causal softmax attention
+With one query `q` shared by every step (Aaren learns it as a parameter), causal softmax
+attention
 
-    o_t = sum_{j <= t} exp(s_j - m_t) v_j / sum_{j <= t} exp(s_j - m_t),   s_j = q . k_j * scale
+    s_j = q . k_j * scale,   o_t = sum_{j <= t} exp(s_j - m_t) v_j / sum_{j <= t} exp(s_j - m_t)
 
-is a prefix reduction over the triples (m, u, w) = (running max, denominator, numerator),
-combined by the associative operator
+is a prefix reduction over the triples (m, u, w) = (running max, denominator, numerator), each
+token starting as (s_j, 1, v_j) and combined by the paper's associative operator
 
     (m_a, u_a, w_a) (+) (m_b, u_b, w_b) = (m, u_a e^{m_a - m} + u_b e^{m_b - m},
                                            w_a e^{m_a - m} + w_b e^{m_b - m}),  m = max(m_a, m_b)
@@ -14,6 +15,9 @@ combined by the associative operator
 so all outputs come from one parallel prefix scan (`jax.lax.associative_scan`, impl "xla",
 O(seq * dv) memory) and a stream advances one token at a time with a constant-size state
 (`aaren_step`). The dense reference materializes the `[seq, seq]` causal weights.
+Interpretations: the logits are scaled by `scale` (default head_dim ** -0.5, as in dot-product
+attention), there is one learned query per head (multi-head Aaren), and `segment_ids` restart
+the recurrence (packed sequences).
 """
 
 from __future__ import annotations

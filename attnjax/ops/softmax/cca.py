@@ -1,28 +1,43 @@
 """Core context aware attention (Chen et al. 2024, "Core Context Aware Transformers for Long
 Context Language Modeling", arXiv 2412.12465).
 
-Two key sets share one softmax per query i:
+Two key sets share one softmax per query. With group size g, local window s and 1-based
+positions as in the paper, equation by equation:
 
-- globality pooling: the sequence is cut into groups of `group_size` tokens; group m is merged
-  into one core token whose key and value are the group's keys and values weighted by their
-  significance to the group's last query, `w_j = softmax_j(q_last . k_j * scale)`. Query i
-  sees core m only once the group is complete, `(m + 1) * group_size - 1 <= i`, so a core
-  token summarizes past tokens only (causal).
-- locality preservation: the `window` most recent tokens `i - window < j <= i` themselves
-  (`dot_product_attention` with `causal() & sliding_window(window - 1)`).
+- globality-aware pooling: the sequence is cut into groups I_m = {(m-1)g+1, ..., mg}; group m
+  is merged into one core token weighted by the significance of its tokens to the group's last
+  query,
 
-    out_i = sum_m a_im v_core_m + sum_j a_ij v_j,   a = softmax over both sets of q_i . k * scale
+      c_m = softmax(q_{mg} K_{I_m}^T / sqrt(d)) X_{I_m},   K^G = C W_K,  V^G = C W_V,
 
-The two partial attentions are merged exactly through the local part's log-sum-exp. Cores are
-computed per query head (the last query of each head weighs its kv head's keys).
+  and query i sees the cores 1..j(i), j(i) = max(0, floor((i - s) / g)) (causal: a core joins
+  once its group lies s tokens behind the query);
+- locality preservation: query i sees its tokens k(i)..i themselves,
+  k(i) = max(1, i - s - ((i - s) mod g)), i.e. at least its s most recent tokens, reaching back
+  to the end of the last visible core group;
+- fusion: one softmax over both sets,
+
+      out_i = softmax(q_i [K^G_{1..j(i)}; K_{k(i)..i}]^T / sqrt(d)) [V^G_{1..j(i)}; V_{k(i)..i}].
+
+Interpretations: k(i) is read as the first token after core j(i) (jg + 1), so cores and local
+tokens cover every earlier position exactly once (the formula as printed, jg, would also list
+the last token of core j); the cores pool the keys and values the op receives, `c_m K` and
+`c_m V` with the significance above, which equals projecting the pooled input when K and V are
+linear in X (with rotary positions on K it pools rotated keys); cores are computed per query
+head (each head's last query weighs its kv head's keys, the same as the paper under MHA).
+
+The two partial attentions (cores; local tokens through `dot_product_attention` with the
+`LocalKeys` mask) are merged exactly through the local part's log-sum-exp.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attnjax import masks, registry
 from attnjax.ops.common import QKVShape, check_qkv, resolve_scale
@@ -46,8 +61,9 @@ def cca_attention(
     q: `[batch, seq, heads, head_dim]`.
     k: `[batch, seq, kv_heads, head_dim]`; `heads % kv_heads == 0` (GQA by shape).
     v: `[batch, seq, kv_heads, value_dim]`.
-    group_size: tokens merged into one core token.
-    window: local tokens attended directly, the query's own included.
+    group_size: g, tokens merged into one core token.
+    window: s, the fewest local tokens attended directly (the query's own included); the
+      window reaches back to the end of the last visible core group, up to s + g - 1 tokens.
     segment_ids: must be None (core tokens would merge tokens of different documents).
     scale: logit scale; None means `head_dim ** -0.5`.
     impl: implementation of the local attention, "reference" | "xla" | "auto".
@@ -75,6 +91,27 @@ def cca_attention(
     window=window,
     scale=resolve_scale(scale, shape.head_dim),
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalKeys(masks.Mask):
+  """CCA's local keys of query t (0-based): `group_size * j(t) <= kv <= t`, where
+  `j(t) = max(0, (t + 1 - window) // group_size)` cores are visible to t."""
+
+  group_size: int
+  window: int
+
+  def _first_key(self, q):
+    return self.group_size * np.maximum(0, (q + 1 - self.window) // self.group_size)
+
+  def _eval(self, h, q, k):
+    return (k <= q) & (k >= self._first_key(q))
+
+  def _bounds(self, h, q_lo, q_hi, k_lo, k_hi):
+    # The first local key never decreases with the query position.
+    may = (k_lo <= q_hi - 1) & (k_hi - 1 >= self._first_key(q_lo))
+    must = (k_hi - 1 <= q_lo) & (k_lo >= self._first_key(q_hi - 1))
+    return may, must
 
 
 def _core_tokens(q, k, v, shape: QKVShape, group_size, scale):
@@ -105,7 +142,7 @@ def _cca(q, k, v, *, shape, group_size, window, scale, local_impl):
     q,
     k,
     v,
-    mask=masks.causal() & masks.sliding_window(window - 1),
+    mask=LocalKeys(group_size, window),
     scale=scale,
     impl=local_impl,
     return_lse=True,
@@ -113,7 +150,7 @@ def _cca(q, k, v, *, shape, group_size, window, scale, local_impl):
   core_k, core_v = _core_tokens(q, k, v, shape, group_size, scale)
   core_logits = jnp.einsum("bqhd,bmhd->bqhm", q.astype(jnp.float32), core_k) * scale
   group_end = (jnp.arange(core_k.shape[1]) + 1) * group_size - 1
-  visible = group_end[None, :] <= jnp.arange(shape.q_len)[:, None]  # [q, m]
+  visible = group_end[None, :] <= jnp.arange(shape.q_len)[:, None] - window  # [q, m]
   visible = visible[None, :, None, :]
   # Shift by a finite maximum and exponentiate only visible logits: no inf, no NaN gradient.
   shift = jnp.maximum(local_lse, jnp.max(jnp.where(visible, core_logits, local_lse[..., None]), -1))

@@ -1,15 +1,18 @@
 """DiffQKV attention (Lin et al. 2025, "Sigma: Differential Rescaling of Query, Key and Value
 for Efficient Language Models", arXiv 2501.13629).
 
-K and V are compressed differently: fewer K heads than V heads (`n_k | n_v | n_q`), and a K
-head dimension that need not equal V's. Query head i reads K head `i // (n_q / n_k)` and V head
+Differentially compressed KV: fewer K heads than V heads (`n_k | n_v | n_q`), and a K head
+dimension that need not equal V's. Query head i reads K head `i // (n_q / n_k)` and V head
 `i // (n_q / n_v)`:
 
-    out_i = softmax(q_i k_{i // g_k}^T * scale + mask) v_{i // g_v}
+    out_i = softmax(q_i k_{i // g_k}^T / sqrt(d_k) + mask) v_{i // g_v}
 
 With `n_k == n_v` this is grouped-query attention. Every K head serves `n_v / n_k` V heads, so
-the op repeats the K heads to the V heads' count and runs `dot_product_attention`. (Sigma's
-augmented Q, a wider Q head, lives in the mixer's Q projection: it does not change this op.)
+the op repeats the K heads to the V heads' count and runs `dot_product_attention`. Sigma's
+augmented Q (a Q head wider than the K head) lives in the mixer's Q projection and does not
+change this op; the mixer maps the wide Q head to the key dimension with a per-head linear map
+(interpretation: the paper specifies the wider Q head, not the form of that map). Selective V
+cache fetching, an inference optimization, is not implemented.
 """
 
 from __future__ import annotations

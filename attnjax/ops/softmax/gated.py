@@ -1,12 +1,18 @@
 """Gated attention (Qiu et al. 2025, "Gated Attention for Large Language Models: Non-linearity,
 Sparsity, and Attention-Sink-Free", arXiv 2505.06708).
 
-    out = gate * softmax(q k^T * scale + mask) v,   gate = sigmoid(x W_gate)
+The paper's best variant gates the output of scaled dot-product attention per head, after SDPA
+and before the output projection (its position G1), with a sigmoid of the layer input:
 
-A head-specific gate computed from the layer input multiplies the output of scaled dot-product
-attention before the output projection: one scalar per head and token (`headwise`, gate
-`[batch, seq, heads, 1]`) or one per channel (`elementwise`, gate `[batch, seq, heads, dv]`).
-The op takes the gate values; the NNX mixer computes them.
+    Y  = softmax(q k^T * scale + mask) v           (per head, [batch, seq, heads, dv])
+    Y' = Y * sigmoid(X W_theta)                     (multiplicative, head-specific)
+    out = Y' W_O                                    (the mixer's output projection)
+
+with X the hidden states entering the layer (after its pre-norm). `elementwise`: W_theta
+`[embed, heads * dv]`, one gate per channel; `headwise`: W_theta `[embed, heads]`, one scalar
+per head and token. The op takes the gate values `sigmoid(X W_theta)`; the NNX mixer computes
+them, without a bias (interpretation). The paper's other gate positions and activations are
+its ablations and are not implemented.
 """
 
 from __future__ import annotations

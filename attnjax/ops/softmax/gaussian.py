@@ -1,16 +1,24 @@
 """Gaussian adaptive attention (Ioannides et al. 2024, "Gaussian Adaptive Attention is All You
 Need: Robust Contextual Representations Across Multiple Modalities", arXiv 2401.11143).
 
-Each head weighs every feature by a Gaussian density of where it lies relative to the
-feature's mean and variance over the context, with a learnable mean offset `delta_h` and
-variance scale `xi_h` per head:
+The paper's multi-head Gaussian adaptive attention (GAAM) weighs every feature of head h by a
+Gaussian density of where it lies relative to the feature's mean and variance, with a learnable
+mean offset `delta_h` and variance scale `xi_h` per head. Per feature channel, equation by
+equation:
 
-    mu_t, var_t = mean and variance of x_s over the positions s that t may see
-    out_t = x_t * exp(-(x_t - (mu_t + delta_h))^2 / (2 (xi_h var_t + eps)))
+    mu_t    = mean of x_s over the positions s that t may see
+    var_t   = mean of x_s^2 over the same positions - mu_t^2
+    phi_t   = mu_t + delta_h                                   (offset mean)
+    z_t     = (x_t - phi_t) / sqrt(var_t + eps)                (normalized feature)
+    out_t   = x_t * exp(-z_t^2 / (2 xi_h))
+            = x_t * exp(-(x_t - mu_t - delta_h)^2 / (2 xi_h (var_t + eps)))
 
-The paper takes the statistics over the whole sequence; `causal=True` (the default, for
-language models) takes them over s <= t, so position t reads no future token. With
-`segment_ids`, statistics stay within the contiguous run of equal ids holding t.
+Interpretations: the statistics run over the sequence axis (the released code leaves the axis
+a parameter); the paper takes them over the whole sequence (`causal=False`), and
+`causal=True` (the default, for language models) takes them over s <= t, so position t reads
+no future token. With `segment_ids`, statistics stay within the contiguous run of equal ids
+holding t. The released code also multiplies several Gaussians per head and renormalizes the
+weights over the axis; the paper's single Gaussian without renormalization is implemented.
 
 Impl "reference" averages with a dense `[seq, seq]` matrix; "xla" uses prefix sums.
 """
@@ -41,7 +49,7 @@ def gaussian_attention(
     var_scale: `[heads]`, positive learnable scale `xi_h` of the variance.
     causal: statistics of position t over positions <= t (else over the whole sequence).
     segment_ids: int `[batch, seq]`: statistics only within t's run of equal ids.
-    eps: added to the scaled variance.
+    eps: added to the variance before it is scaled by `var_scale`.
     impl: "reference" | "xla" | "auto".
 
   Returns:
@@ -77,11 +85,11 @@ def _run_ids(segment_ids) -> jax.Array:
 
 
 def _weigh(x, mean, second_moment, mean_offset, var_scale, eps):
-  """`x * exp(-(x - mu - delta)^2 / (2 (xi var + eps)))` from float32 moments."""
+  """`x * exp(-(x - mu - delta)^2 / (2 xi (var + eps)))` from float32 moments."""
   xf = x.astype(jnp.float32)
   var = jnp.maximum(second_moment - mean**2, 0.0)  # rounding can make it slightly negative
   offset = mean_offset.astype(jnp.float32)[:, None]
-  scaled_var = var_scale.astype(jnp.float32)[:, None] * var + eps
+  scaled_var = var_scale.astype(jnp.float32)[:, None] * (var + eps)
   weight = jnp.exp(-((xf - mean - offset) ** 2) / (2 * scaled_var))
   return (xf * weight).astype(x.dtype)
 

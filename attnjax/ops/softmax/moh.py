@@ -1,18 +1,28 @@
 """MoH: multi-head attention as mixture-of-head attention (Jin et al. 2024, "MoH: Multi-Head
 Attention as Mixture-of-Head Attention", arXiv 2410.11842).
 
-Heads are experts. The first `num_shared` heads are always on; of the remaining `h_r` routed
-heads each token keeps its top-k by router score. The output is a weighted sum of head outputs
-(the mixer's output projection sums over heads):
+Heads are experts. Multi-head attention in summation form, `out_t = sum_i H_i(t) W_O^i`, becomes
+a weighted sum over the heads a token activates. The first `h_s` heads are shared (always on);
+of the remaining `h_r = h - h_s` routed heads each token keeps its top-k by router score. Per
+token x_t, equation by equation:
 
-    out_t = sum_i g_ti H_i(t) W_O^i
-    g_ti  = a1_t softmax(W_s x_t)_i                      for shared heads i
-          = a2_t softmax(W_r x_t)_i  if i in topk, else 0  for routed heads i
-    (a1_t, a2_t) = softmax(W_h x_t)                        (two-stage shared/routed balance)
+    out_t = sum_i g_ti H_i(t) W_O^i                                (the mixer's output projection)
+    g_ti  = a1_t softmax(W_s x_t)_i                      for shared heads i <= h_s
+          = a2_t softmax(W_r x_t)_i  if (W_r x_t)_i in Top-K over the routed heads
+          = 0                        otherwise
+    (a1_t, a2_t) = softmax(W_h x_t)                      (two-stage weighting: shared vs routed)
 
-and the load-balance loss over routed heads, `h_r / k * sum_i f_i P_i` with `f_i` the
-fraction of tokens routed to head i and `P_i` its mean routing probability (1 when balanced),
-is returned for the trainer to add.
+and the load-balance loss over the routed heads, returned for the trainer to add as
+`beta * L_b` (the paper's beta = 0.01):
+
+    L_b = sum_{i > h_s} f_i P_i,   f_i = (1/T) sum_t 1(token t selects head i),
+                                   P_i = (1/T) sum_t softmax(W_r x_t)_i
+
+over the T tokens of the batch; balanced routing (f_i = k / h_r, P_i = 1 / h_r) gives k / h_r.
+Interpretations: the routed softmax runs over all routed heads and is not renormalized over
+the top-k (as the equation reads; the released code renormalizes over the selected heads,
+rescales both stages by their head counts and multiplies L_b by h_r); T counts the batch's
+tokens, padding included.
 
 `moh_attention` computes `g * attention(q, k, v)` per head. Impl "reference" computes every
 head and multiplies unselected ones by 0. Impl "xla" runs each (query block, head) tile under
@@ -51,7 +61,7 @@ def moh_route(
 
   Returns:
     `head_weights` float32 `[batch, seq, num_shared + num_routed]` (shared heads first; zero for
-    heads a token does not select) and the scalar load-balance loss.
+    heads a token does not select) and the scalar float32 load-balance loss `L_b`.
   """
   if shared_logits.shape[:2] != routed_logits.shape[:2] or balance_logits.shape != (
     *routed_logits.shape[:2],
@@ -74,7 +84,7 @@ def moh_route(
   )
   tokens_per_head = selected.reshape(-1, num_routed).mean(0)
   mean_probs = routed_probs.reshape(-1, num_routed).mean(0)
-  aux_loss = num_routed / top_k * jnp.sum(tokens_per_head * mean_probs)
+  aux_loss = jnp.sum(tokens_per_head * mean_probs)
   return weights, aux_loss
 
 

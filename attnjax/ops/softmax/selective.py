@@ -1,14 +1,22 @@
 """Selective attention (Zhang et al. 2024, "Selective Attention: Enhancing Transformer through
 Principled Context Control", NeurIPS 2024, arXiv 2411.12892).
 
-Each query gets its own inverse temperature and each value its own scale:
+Selective self-attention scales each query by an inverse temperature and each value by a
+value temperature before ordinary softmax attention:
 
     out_i = sum_j softmax_j(tau_q(i) * q_i . k_j * scale + mask) * tau_v(j) * v_j
 
-`tau_q` (query temperature) depends on the query embedding and on its position (a longer
-context needs a larger inverse temperature to stay equally sparse); `tau_v` (value
-temperature) lets a token damp its own value. The op takes both temperatures; the NNX mixer
-computes them from weights shared with the query and value projections.
+`tau_q` depends on the query embedding (token-aware) and on the query's position (position-
+aware: a longer context needs a larger inverse temperature to stay equally sparse, the
+paper's log-of-length law); `tau_v` lets a token damp its own value. The op takes both
+temperatures; the NNX mixer computes them from weights shared with the query and value
+projections (positions i from 0, q_i before rotary):
+
+    tau_q(i) = 1 + sigmoid(a_h) log(i + 1) + tanh(u_h . q_i),   tau_v(j) = 1 + tanh(w_h . v_j)
+
+Interpretation: the released code shows the positional term `1 + c log(n)` with `c` in
+(0, 1); the additive combination with the token term and the tanh forms are this library's
+reading of the paper's weight-shared temperature functions.
 """
 
 from __future__ import annotations

@@ -3,15 +3,20 @@
 StreamingLLM (Xiao et al. 2024, "Efficient Streaming Language Models with Attention Sinks",
 arXiv 2309.17453) observes that softmax attention parks surplus probability on the first
 tokens and proposes pre-training with a dedicated learnable sink token prepended to every
-sequence. Both forms join the softmax denominator of query i:
+sequence. Both forms implemented here join the softmax denominator of query i:
 
-    Z_i   = exp(sink_h) + sum_n exp(q_i . sink_k_n * scale) + sum_{j allowed} exp(s_ij)
-    out_i = (sum_n exp(q_i . sink_k_n * scale) sink_v_n + sum_{j allowed} exp(s_ij) v_j) / Z_i
+    s_ij  = q_i . k_j * scale                                 (allowed keys j)
+    t_in  = q_i . sink_k_n * scale                            (sink tokens n, always visible)
+    Z_i   = exp(sink_h) + sum_n exp(t_in) + sum_j exp(s_ij)
+    out_i = (sum_n exp(t_in) sink_v_n + sum_j exp(s_ij) v_j) / Z_i
 
-`sink_h` is a learned logit per head that carries no value (the closed form used by gpt-oss);
-`sink_k`, `sink_v` are the keys and values of k learned sink tokens, visible to every query
-whatever the mask and segments (this layer's view of StreamingLLM's prepended tokens). The
-token part is computed as its own small attention and merged through the log-sum-exp.
+`sink_h` is a learned logit per head that carries no value: the closed form gpt-oss uses,
+a softmax over the row's logits concatenated with `sink_h`, whose last column is dropped.
+`sink_k`, `sink_v` are the keys and values of learned sink tokens, visible to every query
+whatever the mask and segments. Interpretation: StreamingLLM's sink token is an input token
+whose hidden state every layer computes; here each layer learns its sink tokens' keys and
+values directly (what that token amounts to at one layer, without its position). The token
+part is computed as its own small attention and merged through the log-sum-exp.
 """
 
 from __future__ import annotations

@@ -3,16 +3,17 @@ Attention with Re-weighting Boosts Length Extrapolation in Large Language Models
 arXiv 2501.13428).
 
 Softmax is read as a positivity transform (exp) followed by l1 normalization; the paper keeps
-the normalization and replaces exp with softplus, scaling the logits of row i by the entropy-
-invariance factor of its length relative to the training length:
+the normalization and replaces exp with softplus (LSSA), scaling the logits of row i by a
+length factor from entropy invariance, and sharpens the weights by a power (LSSAR):
 
-    s_ij = lambda_i * q_i . k_j * scale,    lambda_i = log(n_i) / log(train_len)
-    a_ij = softplus(s_ij) / sum_j softplus(s_ij)            (over allowed keys j; n_i of them)
+    s_ij = lambda_i * q_i . k_j * scale,        lambda_i = log(n_i) / log(train_len)
+    a_ij = softplus(s_ij) / sum_j softplus(s_ij)              (over the n_i allowed keys j)
+    a_ij <- a_ij^p / sum_j a_ij^p = softplus(s_ij)^p / sum_j softplus(s_ij)^p     (p > 1)
 
-Re-weighting (fine-tuning free, switched on at inference with `reweight_power=p > 1`) sharpens
-each row by a power and renormalizes: `a_ij^p / sum_j a_ij^p = softplus(s_ij)^p / sum_j
-softplus(s_ij)^p`. `train_len=None` leaves the logits unscaled (lambda = 1). A row with no
-allowed key returns zeros.
+Interpretations: `lambda_i` is the entropy-invariant factor log base train_len of the row's
+key count (1 at the training length; `train_len=None` leaves the logits unscaled,
+lambda = 1), and the re-weighting is the plain power renormalized over the row, switched on
+with `reweight_power=p` (None or 1: off). A row with no allowed key returns zeros.
 
 Impl "reference" materializes the `[q_len, kv_len]` weights; "xla" accumulates numerator and
 denominator over kv blocks (no running max is needed: softplus does not overflow), holding

@@ -5,10 +5,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from attnjax import registry
+from attnjax import masks, registry
 from attnjax.ops import cca_attention
+from attnjax.ops.softmax.cca import LocalKeys
 from tests.helpers import (
   TOL_BLOCKED_F32,
   TOL_EXACT_F32,
@@ -16,12 +18,7 @@ from tests.helpers import (
   assert_matches_reference,
   random_normal,
 )
-from tests.ops.softmax.dense_softmax import (
-  causal_allowed,
-  logits,
-  repeat_kv,
-  softmax_attention,
-)
+from tests.ops.softmax.dense_softmax import logits, repeat_kv, softmax_attention
 
 
 def _inputs(seed, b=2, t=14, h=6, hk=2, d=60):
@@ -29,22 +26,34 @@ def _inputs(seed, b=2, t=14, h=6, hk=2, d=60):
   return tuple(random_normal(keys[i], (b, t, n, d)) for i, n in enumerate((h, hk, hk)))
 
 
+def _visible(t, group_size, window):
+  """For query i = 1..t (1-based, as the paper): j(i) visible cores and the first local token
+  k(i), read as the token after core j(i)."""
+  g, s = group_size, window
+  rows = []
+  for i in range(1, t + 1):
+    j = max(0, (i - s) // g)
+    k = max(1, i - s - ((i - s) % g)) + (1 if j > 0 else 0)
+    rows.append((j, k))
+  return rows
+
+
 def _paper(q, k, v, *, group_size, window):
   t, h, d = q.shape[1], q.shape[2], q.shape[3]
   k, v = repeat_kv(k, h), repeat_kv(v, h)
-  cores_k, cores_v, ends = [], [], []
-  for start in range(0, t - group_size + 1, group_size):  # complete groups only
-    end = start + group_size - 1
-    w = jax.nn.softmax(
-      jnp.einsum("bhd,bjhd->bhj", q[:, end], k[:, start : end + 1]) / d**0.5, axis=-1
-    )
-    cores_k.append(jnp.einsum("bhj,bjhd->bhd", w, k[:, start : end + 1]))
-    cores_v.append(jnp.einsum("bhj,bjhd->bhd", w, v[:, start : end + 1]))
-    ends.append(end)
+  g = group_size
+  cores_k, cores_v = [], []
+  for m in range(1, t // g + 1):  # I_m = {(m-1)g+1, ..., mg}: complete groups only
+    group = slice((m - 1) * g, m * g)
+    w = jax.nn.softmax(jnp.einsum("bhd,bjhd->bhj", q[:, m * g - 1], k[:, group]) / d**0.5, -1)
+    cores_k.append(jnp.einsum("bhj,bjhd->bhd", w, k[:, group]))
+    cores_v.append(jnp.einsum("bhj,bjhd->bhd", w, v[:, group]))
   core_k, core_v = jnp.stack(cores_k, 1), jnp.stack(cores_v, 1)  # [b, m, h, d]
-  i = jnp.arange(t)[:, None]
-  core_seen = jnp.array(ends)[None, :] <= i
-  token_seen = causal_allowed(t, t) & (jnp.arange(t)[None, :] > i - window)
+  rows = _visible(t, group_size, window)
+  core_seen = jnp.array([[m < j for m in range(core_k.shape[1])] for j, _ in rows])
+  token_seen = jnp.array(
+    [[first <= u <= i for u in range(1, t + 1)] for i, (_, first) in enumerate(rows, start=1)]
+  )
   s = jnp.concatenate(
     [
       jnp.where(core_seen, jnp.einsum("bqhd,bmhd->bhqm", q, core_k) / d**0.5, -jnp.inf),
@@ -68,6 +77,18 @@ def test_matches_formula_values_and_gradients(impl, tol, group_size, window):
   op = functools.partial(cca_attention, group_size=group_size, window=window, impl=impl)
   oracle = functools.partial(_paper, group_size=group_size, window=window)
   assert_matches_reference(op, oracle, _inputs(0), {}, tol, f"{impl} g={group_size} w={window}")
+
+
+@pytest.mark.parametrize("group_size,window", [(4, 5), (3, 1), (4, 8)])
+def test_cores_and_local_keys_cover_the_past_once(group_size, window):
+  t = 23
+  local = masks.to_dense(LocalKeys(group_size, window), t, t)
+  for i, (j, first) in enumerate(_visible(t, group_size, window)):
+    seen = np.zeros(t, int)
+    seen[: j * group_size] += 1  # the tokens of cores 1..j
+    seen += local[i]
+    assert list(seen) == [1] * (i + 1) + [0] * (t - i - 1), i
+    assert local[i].sum() >= min(window, i + 1) and np.flatnonzero(local[i])[0] == first - 1
 
 
 def test_is_causal():

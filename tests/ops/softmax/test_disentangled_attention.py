@@ -17,17 +17,22 @@ from tests.ops.softmax.dense_softmax import repeat_kv
 NUM_BUCKETS, MAX_DISTANCE = 12, 16
 
 
-def _bucket(distance, num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE):
-  """d(i, j) for one integer distance i - j, written out as the docstring states it."""
-  half = num_buckets // 2
-  exact = max(half // 2, 1)
-  m = abs(distance)
-  if m < exact:
-    b = m
-  else:
-    steps = math.log(m / exact) / math.log(max(max_distance / exact, 2))
-    b = min(exact + math.floor(steps * (half - 1 - exact)), half - 1)
-  return int(np.sign(distance)) * b + half
+def _delta(distance, num_buckets=NUM_BUCKETS, max_distance=None):
+  """delta for one integer distance i - j: the paper's clip(i - j + k, 0, 2k - 1) with
+  k = num_buckets // 2, or (max_distance) DeBERTa v2's log bucket of i - j, then the same."""
+  k = num_buckets // 2
+  r = distance
+  if max_distance is not None:
+    mid = k // 2
+    r = max(-(max_distance - 1), min(distance, max_distance - 1))
+    if abs(r) > mid:
+      steps = math.log(abs(r) / mid) / math.log((max_distance - 1) / mid)
+      r = int(np.sign(r)) * (mid + math.ceil(steps * (mid - 1)))
+  if r <= -k:
+    return 0
+  if r >= k:
+    return 2 * k - 1
+  return r + k
 
 
 def _inputs(seed, b=2, t=11, h=4, hk=2, d=60):
@@ -38,48 +43,80 @@ def _inputs(seed, b=2, t=11, h=4, hk=2, d=60):
   return q, k, v, q_rel, k_rel
 
 
-def _paper(q, k, v, q_rel, k_rel, causal=False):
-  """s_ij = (q_i.k_j + q_i.k^r_{d(i,j)} + k_j.q^r_{d(j,i)}) / sqrt(3d), softmax over j."""
+def _paper(q, k, v, q_rel, k_rel, causal=False, max_distance=None):
+  """s_ij = q_i.k_j + q_i.k^r_{delta(i,j)} + k_j.q^r_{delta(j,i)}, softmax_j(s / sqrt(3d))."""
   t, h, d = q.shape[1], q.shape[2], q.shape[3]
-  d_ij = np.array([[_bucket(i - j) for j in range(t)] for i in range(t)])
+  delta = np.array([[_delta(i - j, max_distance=max_distance) for j in range(t)] for i in range(t)])
   k, v, k_rel = repeat_kv(k, h), repeat_kv(v, h), repeat_kv(k_rel[None], h)[0]
   c2c = jnp.einsum("bihd,bjhd->bhij", q, k)
-  c2p = jnp.einsum("bihd,ijhd->bhij", q, k_rel[d_ij])
-  p2c = jnp.einsum("bjhd,jihd->bhij", k, q_rel[d_ij])  # row j, column i: d(j, i)
+  c2p = jnp.einsum("bihd,ijhd->bhij", q, k_rel[delta])
+  p2c = jnp.einsum("bjhd,jihd->bhij", k, q_rel[delta])  # row j, column i: delta(j, i)
   s = (c2c + c2p + p2c) / jnp.sqrt(3.0 * d)
   if causal:
     s = jnp.where(np.tril(np.ones((t, t), bool)), s, -jnp.inf)
   return jnp.einsum("bhij,bjhd->bihd", jax.nn.softmax(s, axis=-1), v)
 
 
-def test_buckets_are_exact_near_log_spaced_far_and_clipped():
+@pytest.mark.parametrize("max_distance", [None, MAX_DISTANCE], ids=["paper", "log"])
+def test_buckets_follow_delta(max_distance):
   distance = np.arange(-40, 41)
-  got = np.asarray(relative_buckets(jnp.asarray(distance), NUM_BUCKETS, MAX_DISTANCE))
-  assert list(got) == [_bucket(int(r)) for r in distance]
+  got = relative_buckets(distance, NUM_BUCKETS, max_distance)
+  assert list(got) == [_delta(int(r), max_distance=max_distance) for r in distance]
   assert got.min() >= 0 and got.max() < NUM_BUCKETS and np.all(np.diff(got) >= 0)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-def test_matches_formula_values_and_gradients(causal):
+def test_paper_buckets_clip_at_k_and_log_buckets_keep_near_distances_exact():
+  k = NUM_BUCKETS // 2
+  paper = relative_buckets(np.arange(-9, 10), NUM_BUCKETS)
+  assert list(paper) == [0] * 3 + list(range(0, 2 * k)) + [2 * k - 1] * 4
+  log = relative_buckets(np.arange(-3, 4), NUM_BUCKETS, MAX_DISTANCE)  # |d| <= k // 2 = 3
+  assert list(log) == list(range(k - 3, k + 4))
+
+
+def test_position_to_content_indexes_the_position_query_by_delta_j_i():
+  # With q = 0 and k^r = 0 only k_j . q^r_{delta(j, i)} is left; the transposed index
+  # delta(i, j) (the released code's) gives another function.
+  _, k, v, q_rel, k_rel = _inputs(3, b=1, t=5)
+  t, h, d = 5, q_rel.shape[1], q_rel.shape[2]
+  out = disentangled_attention(jnp.zeros((1, t, h, d)), k, v, q_rel, jnp.zeros_like(k_rel))
+  k_h, v_h = repeat_kv(k, h), repeat_kv(v, h)
+
+  def attend(bucket_ji):  # bucket_ji[j, i]: the position query read by query i at key j
+    s = jnp.einsum("bjhd,jihd->bhij", k_h, q_rel[bucket_ji]) / jnp.sqrt(3.0 * d)
+    return jnp.einsum("bhij,bjhd->bihd", jax.nn.softmax(s, axis=-1), v_h)
+
+  delta_ji = np.array([[_delta(j - i) for i in range(t)] for j in range(t)])
+  assert_close(out, attend(delta_ji), TOL_EXACT_F32, "delta(j, i)")
+  assert not np.allclose(out, attend(delta_ji.T), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+  "causal,max_distance",
+  [(False, None), (True, None), (False, MAX_DISTANCE)],
+  ids=["bidirectional", "causal", "log-buckets"],
+)
+def test_matches_formula_values_and_gradients(causal, max_distance):
   op = functools.partial(
     disentangled_attention,
-    max_distance=MAX_DISTANCE,
+    max_distance=max_distance,
     mask=masks.causal() if causal else None,
     impl="reference",
   )
-  oracle = functools.partial(_paper, causal=causal)
+  oracle = functools.partial(_paper, causal=causal, max_distance=max_distance)
   assert_matches_reference(
-    op, oracle, _inputs(0), {}, TOL_EXACT_F32, "causal" if causal else "bidirectional"
+    op, oracle, _inputs(0), {}, TOL_EXACT_F32, f"causal={causal} max_distance={max_distance}"
   )
 
 
 def test_segments_and_bad_inputs():
   q, k, v, q_rel, k_rel = _inputs(1, b=1, t=7)
   ids = jnp.array([[0, 0, 0, 1, 1, 1, 1]])
-  out = disentangled_attention(q, k, v, q_rel, k_rel, max_distance=MAX_DISTANCE, segment_ids=ids)
+  out = disentangled_attention(q, k, v, q_rel, k_rel, segment_ids=ids)
   first = _paper(q[:, :3], k[:, :3], v[:, :3], q_rel, k_rel)
   assert_close(out[:, :3], first, TOL_EXACT_F32, "first segment")
   with pytest.raises(ValueError, match="k_rel must be"):
     disentangled_attention(q, k, v, q_rel, k_rel[:, :1])
+  with pytest.raises(ValueError, match="log buckets need"):
+    disentangled_attention(q, k, v, q_rel, k_rel, max_distance=3)
   with pytest.raises(ValueError, match="no implementation|not available"):
     disentangled_attention(q, k, v, q_rel, k_rel, impl="xla")

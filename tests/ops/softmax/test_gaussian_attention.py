@@ -29,7 +29,8 @@ def _inputs(seed, b=2, t=17, h=3, d=12):
 
 
 def _paper(x, mean_offset, var_scale, *, causal=True, bounds=None):
-  """out_t = x_t exp(-(x_t - mu_t - delta)^2 / (2 (xi var_t + eps))), slice by slice."""
+  """z_t = (x_t - (mu_t + delta)) / sqrt(var_t + eps), out_t = x_t exp(-z_t^2 / (2 xi)),
+  slice by slice."""
   t = x.shape[1]
   bounds = bounds or [(0, t)]
   rows = []
@@ -37,8 +38,8 @@ def _paper(x, mean_offset, var_scale, *, causal=True, bounds=None):
     for i in range(lo, hi):
       seen = x[:, lo : i + 1] if causal else x[:, lo:hi]
       mu, var = seen.mean(axis=1), seen.var(axis=1)  # [b, h, d]
-      z = x[:, i] - mu - mean_offset[:, None]
-      rows.append(x[:, i] * jnp.exp(-(z**2) / (2 * (var_scale[:, None] * var + EPS))))
+      z = (x[:, i] - (mu + mean_offset[:, None])) / jnp.sqrt(var + EPS)
+      rows.append(x[:, i] * jnp.exp(-(z**2) / (2 * var_scale[:, None])))
   return jnp.stack(rows, axis=1)
 
 
@@ -59,6 +60,14 @@ def test_segments_keep_their_own_statistics(impl, causal):
   out = op(x, mean_offset, var_scale, segment_ids=segment_ids)
   expected = _paper(x, mean_offset, var_scale, causal=causal, bounds=[(0, 3), (3, 5), (5, 10)])
   assert_close(out, expected, TOL_BLOCKED_F32, f"{impl} causal={causal}")
+
+
+def test_first_causal_position_has_zero_variance_and_scales_eps_by_xi():
+  # Position 0 sees only itself: mu = x_0, var = 0, so its weight is exp(-delta^2 / (2 xi eps)).
+  x, mean_offset, var_scale = _inputs(6, t=4)
+  out = gaussian_attention(x, mean_offset, var_scale, eps=EPS, impl="reference")
+  weight = jnp.exp(-(mean_offset**2) / (2 * var_scale * EPS))[None, :, None]
+  assert_close(out[:, 0], x[:, 0] * weight, TOL_EXACT_F32, "position 0")
 
 
 def test_causal_output_ignores_the_future():

@@ -88,9 +88,9 @@ def _route_by_hand(shared_logits, routed_logits, balance_logits, top_k):
     [alpha[..., :1] * softmax(shared_logits), alpha[..., 1:] * probs * chosen], axis=-1
   )
   routed = probs.shape[-1]
-  f = chosen.reshape(-1, routed).mean(0)
-  p = probs.reshape(-1, routed).mean(0)
-  return weights, routed / top_k * np.sum(f * p)
+  f = chosen.reshape(-1, routed).mean(0)  # fraction of tokens selecting each routed head
+  p = probs.reshape(-1, routed).mean(0)  # its mean routing probability
+  return weights, np.sum(f * p)
 
 
 def test_route_matches_the_two_stage_formula_and_balance_loss():
@@ -105,12 +105,15 @@ def test_route_matches_the_two_stage_formula_and_balance_loss():
   assert np.all((np.asarray(weights[..., 2:]) > 0).sum(-1) == 2)  # top-2 routed heads per token
 
 
-def test_balanced_routing_has_unit_loss_and_gradient_to_the_router():
-  # Every routed head chosen by exactly one token of four, with uniform probabilities.
+def test_balanced_routing_loss_is_top_k_over_routed_and_reaches_the_router():
+  # Every routed head chosen by exactly one token of four, with uniform probabilities:
+  # f_i = P_i = 1/4, so L_b = 4 * 1/16 = top_k / num_routed.
   routed = jnp.full((1, 4, 4), 0.0)
   shared, balance = jnp.zeros((1, 4, 1)), jnp.zeros((1, 4, 2))
   _, loss = moh_route(shared, routed, balance, top_k=1)
-  assert_close(loss, 1.0, TOL_EXACT_F32)
+  assert_close(loss, 0.25, TOL_EXACT_F32)
+  collapsed = jnp.zeros((1, 4, 4)).at[..., 0].set(5.0)  # every token routes to head 0
+  assert float(moh_route(shared, collapsed, balance, top_k=1)[1]) > 0.9
   logits = random_normal(jax.random.key(4), (1, 4, 4))
   grad = jax.grad(lambda r: moh_route(shared, r, balance, top_k=1)[1])(logits)
   assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
