@@ -98,6 +98,7 @@ def assert_matches_reference(fn, reference, args: tuple, kwargs: dict, tol: floa
   )
   ref_out, ref_grads = value_and_grads(reference, ref_args, ref_kwargs)
   for i, (x, ref) in enumerate(zip(jax.tree.leaves(out), jax.tree.leaves(ref_out), strict=True)):
+    assert x.shape == ref.shape, f"{what}: output {i} has shape {x.shape}, reference {ref.shape}"
     assert_close(x, ref, tol, f"{what}: output {i}")
   for i, (g, ref) in enumerate(zip(grads, ref_grads, strict=True)):
     assert_close(g, ref, 2 * tol, f"{what}: gradient of float input {i}")

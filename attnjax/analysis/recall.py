@@ -64,11 +64,12 @@ def _full_kv(layer: _Layer) -> int:
 
 
 def _cca(layer: _Layer) -> int:
-  # A decoder keeps the pooled cores of complete groups (per query head) plus the raw tokens of
-  # the window and of the group still being filled (pooled once its last query arrives).
+  # A decoder keeps the pooled cores of complete groups (per query head) plus the raw tokens
+  # not yet covered by a visible core: its window reaches back to the last visible group,
+  # at most `window + group_size - 1` tokens.
   group_size, window = layer.option("group_size"), layer.option("window")
   cores = 2 * (layer.seq_len // group_size) * layer.num_heads * layer.head_dim
-  return cores + layer.kv_cache(max(window, group_size))
+  return cores + layer.kv_cache(window + group_size - 1)
 
 
 def _linear(layer: _Layer) -> int:

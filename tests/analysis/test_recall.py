@@ -28,7 +28,7 @@ def _config(preset, **model):
     ("sliding_window", {"mixer_options": {"sliding_window": {"window": 100}}}, 2 * L * 64),
     ("sliding_window", {"mixer_options": {}}, 2 * L * 64),  # op default 256 > L
     ("chunked", {}, 2 * 16 * HEADS * HEAD_DIM),
-    ("cca", {}, 2 * (L // 4) * HEADS * HEAD_DIM + 2 * 8 * HEADS * HEAD_DIM),
+    ("cca", {}, 2 * (L // 4) * HEADS * HEAD_DIM + 2 * (8 + 4 - 1) * HEADS * HEAD_DIM),
     ("linear", {}, HEADS * HEAD_DIM * (HEAD_DIM + 1)),  # elu+1 keeps a normalizer column
     ("gla", {}, HEADS * HEAD_DIM * HEAD_DIM),
     ("retention", {}, HEADS * HEAD_DIM * HEAD_DIM),
