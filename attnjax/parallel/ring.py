@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks as masks_lib
-from attnjax.ops.common import check_qkv
+from attnjax.ops.qkv import check_qkv
 from attnjax.parallel import chunk_pairs
 from attnjax.parallel import mesh as mesh_lib
 

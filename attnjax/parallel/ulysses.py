@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnjax.ops.common import check_qkv
+from attnjax.ops.qkv import check_qkv
 from attnjax.parallel import chunk_pairs
 from attnjax.parallel import mesh as mesh_lib
 

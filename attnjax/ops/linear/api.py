@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import registry
-from attnjax.ops.common import check_qkv, resolve_scale
 from attnjax.ops.linear import chunk, decay, feature_maps, pallas, reference
+from attnjax.ops.qkv import check_qkv, resolve_scale
 
 # Keeps a normalized row finite when its denominator vanishes (Katharopoulos et al. use 1e-6).
 NORMALIZER_EPS = 1e-6

@@ -26,8 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from attnjax.ops.common import check_qkv
 from attnjax.ops.linear import api
+from attnjax.ops.qkv import check_qkv
 
 # Guards the flow divisions as Flowformer does; sigmoid features are positive anyway.
 _EPS = 1e-6

@@ -16,8 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnjax.ops.common import check_qkv
 from attnjax.ops.linear import api
+from attnjax.ops.qkv import check_qkv
 
 # Yang et al. 2024 (Sec. 4.4): "tau = 16 is a temperature term that encourages the model to
 # have a slower forget rate".

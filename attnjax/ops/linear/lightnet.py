@@ -16,8 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnjax.ops.common import check_qkv
 from attnjax.ops.linear import api
+from attnjax.ops.qkv import check_qkv
 
 
 def lightnet_attention(

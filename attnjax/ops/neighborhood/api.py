@@ -13,8 +13,8 @@ import math
 import jax
 
 from attnjax import registry
-from attnjax.ops.common import check_qkv, resolve_scale
 from attnjax.ops.neighborhood import blockwise, pallas, reference, window
+from attnjax.ops.qkv import check_qkv, resolve_scale
 
 IMPLS = {
   "reference": reference.attention,

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import registry
-from attnjax.ops.common import resolve_scale
 from attnjax.ops.neighborhood import api, window
+from attnjax.ops.qkv import resolve_scale
 
 
 def route_regions(q: jax.Array, k: jax.Array, *, region_size, topk: int) -> jax.Array:

@@ -8,8 +8,8 @@ import math
 import jax
 
 from attnjax import masks as masks_lib
-from attnjax.ops.common import check_qkv
 from attnjax.ops.neighborhood import window
+from attnjax.ops.qkv import check_qkv
 from attnjax.ops.softmax import reference as softmax_reference
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import registry
-from attnjax.ops.common import check_qkv
+from attnjax.ops.qkv import check_qkv
 from attnjax.ops.softmax import api as softmax_api
 from attnjax.ops.softmax import dot_product_attention
 

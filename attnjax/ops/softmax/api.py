@@ -10,7 +10,7 @@ import numpy as np
 
 from attnjax import masks as masks_lib
 from attnjax import registry
-from attnjax.ops.common import QKVShape, check_qkv, resolve_scale
+from attnjax.ops.qkv import QKVShape, check_qkv, resolve_scale
 from attnjax.ops.softmax import blockwise, pallas, reference
 
 IMPLS = {

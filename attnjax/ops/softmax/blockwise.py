@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks as masks_lib
-from attnjax.ops.common import QKVShape
+from attnjax.ops.qkv import QKVShape
 from kernels_pallas.block_sparse.common import BlockSizes
 
 LOGITS_BUDGET_BYTES = 16 * 2**20

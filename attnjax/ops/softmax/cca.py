@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks, registry
-from attnjax.ops.common import QKVShape, check_qkv, resolve_scale
+from attnjax.ops.qkv import QKVShape, check_qkv, resolve_scale
 from attnjax.ops.softmax import api as softmax_api
 
 

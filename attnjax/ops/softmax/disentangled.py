@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks, registry
-from attnjax.ops.common import QKVShape, check_qkv
+from attnjax.ops.qkv import QKVShape, check_qkv
 
 
 def relative_buckets(

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import masks, registry
-from attnjax.ops.common import QKVShape, check_qkv
+from attnjax.ops.qkv import QKVShape, check_qkv
 from attnjax.ops.softmax import api as softmax_api
 
 

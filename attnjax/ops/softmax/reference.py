@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import masks as masks_lib
-from attnjax.ops.common import QKVShape
+from attnjax.ops.qkv import QKVShape
 
 
 def attention(

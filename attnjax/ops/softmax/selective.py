@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 
 from attnjax import masks, registry
-from attnjax.ops.common import check_qkv
+from attnjax.ops.qkv import check_qkv
 from attnjax.ops.softmax import api as softmax_api
 
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import masks, registry
-from attnjax.ops.common import check_qkv
+from attnjax.ops.qkv import check_qkv
 from attnjax.ops.softmax import api as softmax_api
 
 

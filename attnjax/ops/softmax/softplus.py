@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import registry
-from attnjax.ops.common import QKVShape, check_qkv, resolve_scale
+from attnjax.ops.qkv import QKVShape, check_qkv, resolve_scale
 
 
 def softplus_attention(

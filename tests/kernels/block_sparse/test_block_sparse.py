@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from attnjax import masks
-from attnjax.ops.common import check_qkv
+from attnjax.ops.qkv import check_qkv
 from attnjax.ops.softmax import BlockSizes, pallas, reference
 from kernels_pallas import block_sparse
 from tests.helpers import assert_matches_reference, random_normal, tolerance

@@ -1,4 +1,4 @@
-"""Argument checks and small pieces of math shared by every attention family."""
+"""Shape checks of `[batch, seq, heads, dim]` q, k, v (GQA by shape) and the default scale."""
 
 from __future__ import annotations
 
