@@ -129,7 +129,7 @@ def linear_attention(
   return (out, final_state) if return_final_state else out
 
 
-def check_token(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array) -> None:
+def _check_token(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array) -> None:
   """Raises a `ValueError` unless q_t, k_t, v_t are one token each: `[batch, heads, dim]`."""
   for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
     if x.ndim != 3:
@@ -160,7 +160,7 @@ def linear_attention_step(
   Returns:
     (`o_t [batch, heads, value_dim]` in q_t's dtype, new float32 state).
   """
-  check_token(q_t, k_t, v_t)
+  _check_token(q_t, k_t, v_t)
   if log_decay is not None and jnp.ndim(log_decay) > 1:
     if jnp.ndim(log_decay) not in (2, 3):
       raise ValueError(

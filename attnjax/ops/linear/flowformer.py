@@ -90,7 +90,7 @@ def flow_attention(
   """`q [b, t, h, d]`, `k [b, t, hk, d]`, `v [b, t, hk, dv]` -> `[b, t, h, dv]`.
 
   Causal calls take and return a `FlowState` (`initial_state`, `return_final_state`), so a
-  sequence can be processed in pieces or decoded token by token (`flow_step`).
+  sequence can be processed in pieces or decoded token by token (the variant's `step`).
   """
   shape = check_qkv(q, k, v, same_length=True)
   if not causal and (initial_state is not None or return_final_state):
@@ -144,20 +144,3 @@ def flow_attention(
     return out
   count = state.count + shape.q_len
   return out, FlowState(count, sum_k, sum_q, sum_k_over_out, sum_q_over_in, sum_source, linear)
-
-
-def flow_step(
-  q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, state: FlowState | None
-) -> tuple[jax.Array, FlowState]:
-  """One causal decoding step: `q_t [b, h, d]`, `k_t [b, hk, d]`, `v_t [b, hk, dv]`, state
-  (None before the first token) -> (`o_t [b, h, dv]`, new state)."""
-  api.check_token(q_t, k_t, v_t)
-  out, state = flow_attention(
-    q_t[:, None],
-    k_t[:, None],
-    v_t[:, None],
-    initial_state=state,
-    return_final_state=True,
-    impl="reference",
-  )
-  return out[:, 0], state

@@ -72,26 +72,3 @@ def lightnet_attention(
     return out
   final_log_z = jnp.repeat(log_z[:, -1], shape.groups, axis=1)  # [b, h, d]
   return out, jnp.concatenate([final, final_log_z[..., None]], axis=-1)
-
-
-def lightnet_step(
-  q_t: jax.Array,
-  k_t: jax.Array,
-  v_t: jax.Array,
-  state: jax.Array | None,
-  *,
-  scale: float | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """One decoding step: `q_t [b, h, d]`, `k_t [b, hk, d]`, `v_t [b, hk, dv]`, state (or None
-  before the first token) -> (`o_t [b, h, dv]`, new state `[b, h, d, dv + 1]`)."""
-  api.check_token(q_t, k_t, v_t)
-  out, state = lightnet_attention(
-    q_t[:, None],
-    k_t[:, None],
-    v_t[:, None],
-    scale=scale,
-    initial_state=state,
-    return_final_state=True,
-    impl="reference",
-  )
-  return out[:, 0], state

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from attnjax import registry
 from attnjax.ops.linear import flowformer, lightnet
 from tests.helpers import TOL_BLOCKED_F32, assert_close, assert_matches_reference, random_normal
 
@@ -23,8 +24,8 @@ def _qkv(seed):
 
 
 VARIANTS = {
-  "lightnet": (lightnet.lightnet_attention, lightnet.lightnet_step),
-  "flowformer": (flowformer.flow_attention, flowformer.flow_step),
+  "lightnet": lightnet.lightnet_attention,
+  "flowformer": flowformer.flow_attention,
 }
 
 
@@ -35,7 +36,7 @@ def _leaves_close(x, ref, what):
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_token_by_token_decoding_equals_one_call(name):
-  op, step = VARIANTS[name]
+  op, step = VARIANTS[name], registry.get(name).step
   q, k, v = _qkv(0)
   full, final = op(q, k, v, impl="reference", return_final_state=True)
   step = jax.jit(step)
@@ -50,7 +51,7 @@ def test_token_by_token_decoding_equals_one_call(name):
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_two_pieces_with_passed_state_equal_one_call_values_and_gradients(name):
-  op, _ = VARIANTS[name]
+  op = VARIANTS[name]
   cut = 9
 
   def two_pieces(q, k, v):
@@ -98,4 +99,4 @@ def test_bad_states_raise():
   with pytest.raises(ValueError, match="only when causal"):
     flowformer.flow_attention(q, k, v, causal=False, return_final_state=True)
   with pytest.raises(ValueError, match="one token"):
-    lightnet.lightnet_step(q, k[:, 0], v[:, 0], None)
+    registry.get("lightnet").step(q, k[:, 0], v[:, 0], None)
