@@ -8,6 +8,7 @@ imports libtpu until a topology is asked for, so CPU users never load it.
     devices = aot.tpu_devices("v5e:2x2")
     compiled = aot.compile_for(f, devices[:1], x, y)   # x, y: arrays or ShapeDtypeStructs
     aot.custom_calls(compiled)["tpu_custom_call"]      # Mosaic kernels in the program
+    aot.collectives(compiled)                          # all-reduce, all-gather, ... counts
 """
 
 from __future__ import annotations
@@ -117,3 +118,14 @@ _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 def custom_calls(compiled) -> collections.Counter:
   """How many times each custom-call target appears in the compiled HLO."""
   return collections.Counter(_CUSTOM_CALL.findall(compiled.as_text()))
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+# In HLO text an op's name stands between its result type and `(`; an asynchronous pair
+# (`-start`, `-done`) counts once.
+_COLLECTIVE = re.compile(rf"\s({'|'.join(COLLECTIVES)})(?:-start)?\(")
+
+
+def collectives(compiled) -> collections.Counter:
+  """How many collective ops of each kind in `COLLECTIVES` the compiled HLO holds."""
+  return collections.Counter(_COLLECTIVE.findall(compiled.as_text()))
