@@ -124,8 +124,21 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 # In HLO text an op's name stands between its result type and `(`; an asynchronous pair
 # (`-start`, `-done`) counts once.
 _COLLECTIVE = re.compile(rf"\s({'|'.join(COLLECTIVES)})(?:-start)?\(")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.-]+) .*?^}$", re.MULTILINE | re.DOTALL)
+# XLA:TPU writes a reduce-scatter as a fusion of this name: an all-reduce that each device
+# slices its shard from.
+_REDUCE_SCATTER_FUSION = "all-reduce-scatter"
 
 
 def collectives(compiled) -> collections.Counter:
-  """How many collective ops of each kind in `COLLECTIVES` the compiled HLO holds."""
-  return collections.Counter(_COLLECTIVE.findall(compiled.as_text()))
+  """How many collective ops of each kind in `COLLECTIVES` the compiled HLO holds.
+
+  Ops are counted where they stand in the program text: one inside a loop body counts once.
+  """
+  counts = collections.Counter()
+  for computation in _COMPUTATION.finditer(compiled.as_text()):
+    if computation[1].startswith(_REDUCE_SCATTER_FUSION):
+      counts["reduce-scatter"] += 1
+    else:
+      counts.update(_COLLECTIVE.findall(computation[0]))
+  return counts

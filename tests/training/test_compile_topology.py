@@ -55,6 +55,14 @@ def test_mqar_step_compiles_and_fits():
   assert 0 < report["per_chip_bytes"]["aliased"] <= report["per_chip_bytes"]["arguments"]
 
 
+def test_fsdp_step_gathers_weights_and_reduce_scatters_gradients():
+  config = tiny_config()
+  config.mesh.shape.update(dict(data=1, fsdp=4))
+  collectives = compile_topology.compile_train_step(config, TOPOLOGY).collectives
+  assert collectives.get("all-gather", 0) > 0
+  assert collectives.get("reduce-scatter", 0) > 0
+
+
 def test_seq_parallel_step_exchanges_sequence_shards():
   report = compile_topology.compile_train_step(_seq_parallel_config(), TOPOLOGY).as_json()
   _assert_consistent(report)
