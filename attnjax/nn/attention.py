@@ -16,7 +16,7 @@ from attnjax import registry
 from attnjax.nn.norm import RMSNorm
 from attnjax.nn.params import fan_in_init, param
 from attnjax.nn.rope import apply_rope
-from attnjax.nn.seq_parallel import SeqParallel, variant_op
+from attnjax.nn.seq_parallel import SeqParallel, token_positions, variant_op
 
 
 def resolve_heads(
@@ -103,7 +103,7 @@ class Attention(nnx.Module):
     if self.use_rope:
       # Positions restart nowhere: rotary scores depend on q_pos - kv_pos only, and packed
       # documents never attend across their boundary.
-      positions = jnp.arange(x.shape[1])
+      positions = token_positions(x.shape[1], self.seq_parallel)
       q = apply_rope(q, positions, base=self.rope_base)
       k = apply_rope(k, positions, base=self.rope_base)
     return x, q, k, v

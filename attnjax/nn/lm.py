@@ -78,6 +78,9 @@ class DecoderLM(nnx.Module):
     dtype: activation dtype (parameters stay float32).
     seq_parallel: run every mixer's attention op with the sequence split over a mesh axis
       (see `attnjax.nn.seq_parallel`); every layer's variant is checked here. None: unsplit.
+      A model whose every layer runs ring attention lays its sequence out in the ring's
+      zigzag order once, from its tokens to its last hidden states; logits are in natural
+      order either way.
   """
 
   def __init__(
@@ -109,6 +112,7 @@ class DecoderLM(nnx.Module):
     )
     parallel_options = {}
     if seq_parallel is not None:
+      seq_parallel = seq_parallel.for_layers(self.layer_names)
       for name in dict.fromkeys(self.layer_names):
         seq_parallel.check(name, mixer_options.get(name, {}))
       parallel_options = {"seq_parallel": seq_parallel}
@@ -126,6 +130,7 @@ class DecoderLM(nnx.Module):
       )
       blocks.append(Block(embed_dim, mlp_dim, mixer, rngs=rngs, dtype=dtype))
     self.blocks = nnx.List(blocks)
+    self.seq_parallel = seq_parallel
     self.final_norm = RMSNorm(embed_dim, rngs=rngs)
     self.head = (
       None
@@ -139,9 +144,15 @@ class DecoderLM(nnx.Module):
     """`tokens` int `[batch, seq]`, `segment_ids` int `[batch, seq]` -> `[batch, seq, vocab]`."""
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    if self.seq_parallel is not None:
+      tokens, segment_ids = (
+        None if ids is None else self.seq_parallel.to_layout(ids) for ids in (tokens, segment_ids)
+      )
     x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
     for block in self.blocks:
       x = block(x, segment_ids=segment_ids)
     x = self.final_norm(x)
+    if self.seq_parallel is not None:
+      x = self.seq_parallel.from_layout(x)
     head = self.embed[...].T if self.head is None else self.head[...]
     return jnp.einsum("btd,dv->btv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)

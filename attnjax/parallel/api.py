@@ -11,6 +11,8 @@ Strategies by family:
   softmax (`dot_product_attention`): "ring" (zigzag by default), "allgather", "ulysses";
   linear (`linear_attention`): "lasp2", "zeco".
 "lasp2h" (hybrid models, LASP-2H) is "allgather" for softmax ops and "lasp2" for linear ops.
+Arrays are in natural order; ring also takes them in its zigzag layout (`layout="zigzag"`,
+see `attnjax.parallel.layout`), as a model that lays its tokens out once passes them.
 `op` may also be a `functools.partial` of either op, or a registered variant (its name, the
 `Variant`, or a keyword partial of its op) whose `capabilities.split` says how it splits:
 "mask" (the mask presets "softmax", "sliding_window", ...: their options, e.g. `window=`,
@@ -34,6 +36,7 @@ from attnjax import registry
 from attnjax.ops.linear import linear_attention
 from attnjax.ops.softmax import dot_product_attention
 from attnjax.parallel import allgather, chunk_pairs, lasp2, ring, ulysses, zeco
+from attnjax.parallel import layout as layout_lib
 from attnjax.parallel import mesh as mesh_lib
 
 SOFTMAX_STRATEGIES: dict[str, Callable] = {
@@ -119,6 +122,7 @@ def sequence_parallel(
   strategy: str | None = None,
   *,
   batch_axes: mesh_lib.BatchAxes = None,
+  layout: layout_lib.Layout = "natural",
   **strategy_options,
 ) -> Callable:
   """`op` with its sequence dimension sharded over `mesh` axis `axis`.
@@ -131,6 +135,9 @@ def sequence_parallel(
     axis: the mesh axis the sequence is split over.
     strategy: see the module docstring; None: "ring" for softmax, "lasp2" for linear.
     batch_axes: mesh axes the batch dimension is split over (e.g. ("data", "fsdp")).
+    layout: the order of the sequence in the arrays given and returned (see
+      `attnjax.parallel.layout`): "natural", or "zigzag" (ring only: arrays already in the
+      ring's balanced layout, so it sends only K/V).
     **strategy_options: `zigzag=False` (ring: contiguous shards), `pieces=` (zeco).
 
   Returns:
@@ -150,7 +157,15 @@ def sequence_parallel(
       f"{func.__name__!r}; only 'ulysses' takes a variant that splits by heads as it is"
     )
   mesh_lib.axis_size(mesh, axis)
+  layout_lib.check_layout(layout)
   options = {"mesh": mesh, "axis": axis, "batch_axes": batch_axes, **strategy_options}
+  if strategy == "ring":
+    options["layout"] = layout
+  elif layout != "natural":
+    raise ValueError(
+      f"strategy {strategy!r} takes the sequence in natural order; only 'ring' runs on "
+      f"layout={layout!r}"
+    )
   # Static arguments (the call's mask and options) are hashable, so eager calls reuse the
   # compiled computation; under an outer jit this inlines.
   run = functools.partial(strategies[strategy], **options)

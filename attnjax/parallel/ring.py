@@ -5,8 +5,10 @@ Near-Infinite Context"): each of the P devices keeps its queries and passes its 
 chunk to the next device P - 1 times, attending to each chunk as it passes and merging the
 partial softmax results by their log-sum-exp. The permute of the next chunk is issued before
 the current chunk's attention so XLA can overlap the two. Causal load balancing uses the
-zigzag layout (`mesh.to_zigzag`): device d holds chunks d and 2P - 1 - d of 2P, so every
-device visits the same number of tiles under a causal mask (`visited_tiles`).
+zigzag layout (`attnjax.parallel.layout`): device d holds chunks d and 2P - 1 - d of 2P, so
+every device visits the same number of tiles under a causal mask (`visited_tiles`). Arrays
+already in that layout (`layout="zigzag"`) start the ring at once; natural-order arrays are
+moved there and back inside the call.
 
 The backward pass (custom VJP) runs the ring again, in the opposite direction, with the saved
 output and lse: K/V travel together with their float32 gradients, so no device holds more
@@ -28,6 +30,7 @@ import numpy as np
 from attnjax import masks as masks_lib
 from attnjax.ops.qkv import check_qkv
 from attnjax.parallel import chunk_pairs
+from attnjax.parallel import layout as layout_lib
 from attnjax.parallel import mesh as mesh_lib
 
 
@@ -204,17 +207,22 @@ def attention(
   axis: str,
   batch_axes: mesh_lib.BatchAxes = None,
   zigzag: bool = True,
-  relayout: bool = True,
+  layout: layout_lib.Layout = "natural",
 ) -> tuple[jax.Array, jax.Array]:
   """Ring attention of global `q [b, T, h, d]`, `k`, `v [b, T, hk, d|dv]` sharded over `axis`.
 
   Returns (out `[b, T, h, dv]` in q's dtype, float32 lse `[b, T, h]`), equal to
   `call.op(q, k, v, ...)` on one device. `T` must split into P (zigzag: 2P) equal chunks.
-  `relayout=False` (zigzag only): the arrays are already in zigzag order
-  (`mesh.zigzag_order`), as a model that permutes its tokens once keeps them, so no device
-  exchanges queries or outputs.
+  `zigzag`: balance causal work with the zigzag chunks (else contiguous shards).
+  `layout`: the order of the given arrays (and of the results, see `attnjax.parallel.layout`):
+  "natural" (moved to the zigzag layout and back inside) or "zigzag" (already there, as a
+  model that lays its tokens out once keeps them: no device exchanges queries or outputs).
   """
   shape = check_qkv(q, k, v, same_length=True)
+  layout_lib.check_layout(layout)
+  if layout == "zigzag" and not zigzag:
+    raise ValueError("layout='zigzag' needs zigzag=True (contiguous shards are natural order)")
+  relayout = zigzag and layout == "natural"
   parts = mesh_lib.axis_size(mesh, axis)
   local_len = mesh_lib.check_split(shape.q_len, parts, strategy="ring", zigzag=zigzag)
   chunks = 2 if zigzag else 1
@@ -231,7 +239,7 @@ def attention(
   )
 
   def per_device(q, k, v, seg_q, seg_kv, sinks):
-    if zigzag and relayout:
+    if relayout:
       q, k, v, seg_q, seg_kv = (
         None if x is None else mesh_lib.to_zigzag(x, axis, parts) for x in (q, k, v, seg_q, seg_kv)
       )
@@ -239,7 +247,7 @@ def attention(
     if sinks is not None:
       out, lse = chunk_pairs.add_sinks(out, lse, sinks)
     out = out.astype(q.dtype)
-    if zigzag and relayout:
+    if relayout:
       out, lse = mesh_lib.from_zigzag(out, axis, parts), mesh_lib.from_zigzag(lse, axis, parts)
     return out, lse
 
