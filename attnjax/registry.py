@@ -9,8 +9,10 @@ that carries a state, the README table, the presets of `configs/mqar.py`, which 
 `attnjax.parallel` can split and how. Nothing else keeps a list of variants.
 
 Dispatch is by table, not by if/elif ladders: `dispatch(impls, impl, ...)` calls the named
-implementation; with `impl="auto"` it tries the implementations in `auto_order()` and moves
-on when one raises `Unsupported` (a call it cannot handle, e.g. a Pallas kernel on CPU).
+implementation. Kernels are chosen by the platform the program is compiled for, not the
+process's backend: `impl="pallas"` and `"auto"` lower the Mosaic kernel when compiled for TPU
+(compile-only devices from a CPU host included), the Triton kernel for CUDA, and `"auto"`
+lowers "xla" elsewhere.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import jax
+from jax.extend import core as jex_core
+from jax.interpreters import mlir
+
+from kernels_pallas import common as kernel_common
 
 IMPL_NAMES = ("reference", "xla", "pallas", "pallas_interpret", "auto")
 FAMILIES = ("softmax", "linear", "neighborhood")
@@ -289,24 +295,37 @@ def mixer_class(name: str) -> type:
   return getattr(importlib.import_module(module_name), class_name)
 
 
-def auto_order(backend: str | None = None) -> tuple[str, ...]:
-  """Implementations `impl="auto"` tries, fastest first, for `backend` (default: JAX's)."""
-  backend = backend or jax.default_backend()
-  if backend in ("tpu", "gpu", "cuda", "rocm"):
-    return ("pallas", "xla", "reference")
-  return ("xla", "reference")
+FALLBACK_ORDER = ("xla", "reference")
 
 
 def dispatch(impls: Mapping[str, Callable[..., Any]], impl: str, *args, **kwargs):
-  """Calls `impls[impl](*args, **kwargs)`; `"auto"` tries `auto_order()` past `Unsupported`."""
+  """Calls `impls[impl](*args, **kwargs)`, choosing kernels by the platform compiled for.
+
+  "pallas" calls `impls["pallas"](..., kernel=...)` with the kernel of the platform the
+  program is lowered for (`on_platform`): Mosaic for TPU, Triton for CUDA/ROCm, even for
+  compile-only devices on a CPU host. "auto" does the same and lowers the first of "xla",
+  "reference" for every other platform (and when a kernel raises `Unsupported`).
+  """
   if impl not in IMPL_NAMES:
     raise ValueError(f"impl must be one of {IMPL_NAMES}, got impl={impl!r}")
-  if impl != "auto":
-    if impl not in impls:
-      raise Unsupported(f"impl={impl!r} is not available for this op; available: {sorted(impls)}")
-    return impls[impl](*args, **kwargs)
+  if impl == "auto":
+    fallback = functools.partial(_first_supported, impls, args, kwargs)
+    if "pallas" not in impls:
+      return fallback()
+    try:
+      return on_platform(functools.partial(impls["pallas"], *args, **kwargs), fallback)
+    except Unsupported:
+      return fallback()
+  if impl not in impls:
+    raise Unsupported(f"impl={impl!r} is not available for this op; available: {sorted(impls)}")
+  if impl == "pallas":
+    return on_platform(functools.partial(impls["pallas"], *args, **kwargs))
+  return impls[impl](*args, **kwargs)
+
+
+def _first_supported(impls, args, kwargs):
   reasons = []
-  for name in auto_order():
+  for name in FALLBACK_ORDER:
     if name not in impls:
       continue
     try:
@@ -314,6 +333,66 @@ def dispatch(impls: Mapping[str, Callable[..., Any]], impl: str, *args, **kwargs
     except Unsupported as e:
       reasons.append(f"{name}: {e}")
   raise Unsupported("no implementation can handle this call: " + "; ".join(reasons))
+
+
+def on_platform(run_kernel: Callable[..., Any], otherwise: Callable[[], Any] | None = None):
+  """`run_kernel(kernel=k)` for the platform the program is lowered for, else `otherwise()`.
+
+  A `jax.lax.platform_dependent` over the kernels this installation can compile
+  (`kernels_pallas.common.compilable_kernels`): a program traced once lowers the Mosaic kernel
+  for TPU, the Triton kernel for CUDA/ROCm and `otherwise` elsewhere. Only those kernels are
+  traced, so a CPU-only install traces `otherwise` alone. With `otherwise=None` a platform
+  without a kernel is an error: `Unsupported` at once when no kernel compiles here, else at
+  lowering, naming the platform.
+  """
+  kernels = kernel_common.compilable_kernels()
+  if not kernels:
+    if otherwise is not None:
+      return otherwise()
+    raise Unsupported(
+      "impl='pallas': no Pallas kernel compiles on this installation (JAX backend "
+      f"{jax.default_backend()!r}; "
+      "kernels need a TPU or GPU backend, or libtpu / a CUDA plugin for compile-only devices); "
+      "impl='pallas_interpret' runs the TPU kernel in the interpreter"
+    )
+  branches = {
+    platform: functools.partial(run_kernel, kernel=kernel)
+    for kernel in kernels
+    for platform in kernel_common.PLATFORMS[kernel]
+  }
+  if otherwise is None:
+    shapes = jax.eval_shape(branches[kernel_common.PLATFORMS[kernels[0]][0]])
+    otherwise = functools.partial(_no_kernel, shapes, tuple(branches))
+  return jax.lax.platform_dependent(**branches, default=otherwise)
+
+
+def _no_kernel(shapes, platforms: tuple[str, ...]):
+  """Outputs shaped like `shapes` whose lowering fails: impl="pallas" on a kernel-less platform."""
+  leaves, tree = jax.tree.flatten(shapes)
+  avals = tuple(jax.core.ShapedArray(x.shape, x.dtype) for x in leaves)
+  return jax.tree.unflatten(tree, _no_kernel_p.bind(avals=avals, platforms=platforms))
+
+
+def _no_kernel_error(platforms: tuple[str, ...], compiled_for) -> Unsupported:
+  return Unsupported(
+    f"impl='pallas': the Pallas kernels are for the platforms {platforms}, but this program "
+    f"runs on {compiled_for}; use impl='auto' or 'xla' (or 'pallas_interpret' for the interpreter)"
+  )
+
+
+def _no_kernel_eager(*, avals, platforms):
+  raise _no_kernel_error(platforms, jax.default_backend())
+
+
+def _no_kernel_lowering(ctx, *, avals, platforms):
+  raise _no_kernel_error(platforms, ctx.module_context.platforms)
+
+
+_no_kernel_p = jex_core.Primitive("attnjax_no_pallas_kernel")
+_no_kernel_p.multiple_results = True
+_no_kernel_p.def_abstract_eval(lambda *, avals, platforms: avals)
+_no_kernel_p.def_impl(_no_kernel_eager)
+mlir.register_lowering(_no_kernel_p, _no_kernel_lowering)
 
 
 def markdown_table() -> str:

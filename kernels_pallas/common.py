@@ -1,14 +1,18 @@
-"""What every kernel family of kernels_pallas shares: power-of-two tiles, which backend's kernel
-runs a call, and the `custom_vjp` that joins a forward and a backward pass."""
+"""What every kernel family of kernels_pallas shares: power-of-two tiles, which platforms each
+kernel compiles for, and the `custom_vjp` that joins a forward and a backward pass."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import pkgutil
 from collections.abc import Callable
 
 import jax
 
-KERNELS = ("tpu", "gpu")
+# The platforms each kernel lowers for, as `jax.lax.platform_dependent` names them.
+PLATFORMS = {"tpu": ("tpu",), "gpu": ("cuda", "rocm")}
+KERNELS = tuple(PLATFORMS)
 
 
 def is_power_of_two(n) -> bool:
@@ -21,25 +25,38 @@ def next_power_of_two(n: int, at_least: int = 1) -> int:
   return max(at_least, 1 << max(0, (n - 1).bit_length()))
 
 
-def select_kernel(kernel: str | None = None, *, interpret: bool = False) -> str | None:
-  """Which family member runs a call: "tpu" (Mosaic) or "gpu" (Triton).
+def check_kernel(kernel: str) -> str:
+  """`kernel` if it names a family member ("tpu": Mosaic, "gpu": Triton); else ValueError."""
+  if kernel not in KERNELS:
+    raise ValueError(f"kernel must be one of {KERNELS}, got kernel={kernel!r}")
+  return kernel
 
-  `kernel` when given; else "tpu" when interpreting; else the kernel of `jax.default_backend()`
-  ("tpu"; "gpu", "cuda" or "rocm" -> "gpu"), or None when that backend has no kernel.
-  Raises ValueError for any other `kernel`.
-  """
-  if kernel is not None:
-    if kernel not in KERNELS:
-      raise ValueError(f"kernel must be one of None, 'tpu', 'gpu', got kernel={kernel!r}")
-    return kernel
-  if interpret:
-    return "tpu"
+
+def compilable_kernels() -> tuple[str, ...]:
+  """The kernels this installation can compile: those of JAX's default backend, plus "tpu"
+  where libtpu is installed and "gpu" where a CUDA or ROCm plugin is (both compile for
+  compile-only devices on a CPU host). A CPU-only install has none."""
   backend = jax.default_backend()
-  if backend == "tpu":
-    return "tpu"
-  if backend in ("gpu", "cuda", "rocm"):
-    return "gpu"
-  return None
+  kernels = {"tpu"} if backend == "tpu" or _has_module("libtpu") else set()
+  if backend in ("gpu", "cuda", "rocm") or _gpu_plugin_installed():
+    kernels.add("gpu")
+  return tuple(k for k in KERNELS if k in kernels)
+
+
+@functools.cache
+def _has_module(name: str) -> bool:
+  return importlib.util.find_spec(name) is not None
+
+
+@functools.cache
+def _gpu_plugin_installed() -> bool:
+  if not _has_module("jax_plugins"):
+    return False
+  import jax_plugins
+
+  return any(
+    m.name.startswith(("xla_cuda", "xla_rocm")) for m in pkgutil.iter_modules(jax_plugins.__path__)
+  )
 
 
 def custom_vjp(forward: Callable, backward: Callable) -> Callable:

@@ -109,3 +109,12 @@ def seq_mesh(parts: int = 4) -> jax.sharding.Mesh:
   """A 1-D mesh with axis "seq" over the first `parts` (simulated) devices, Auto axis types."""
   auto = jax.sharding.AxisType.Auto
   return jax.make_mesh((parts,), ("seq",), axis_types=(auto,), devices=jax.devices()[:parts])
+
+
+def kernel_on_cpu(monkeypatch, kernel: str) -> None:
+  """Makes `kernel` ("tpu" or "gpu") the one `registry.dispatch` lowers for the CPU platform,
+  so a test on this host checks which kernel impl="pallas"/"auto" run there."""
+  from kernels_pallas import common
+
+  monkeypatch.setattr(common, "compilable_kernels", lambda: (kernel,))
+  monkeypatch.setitem(common.PLATFORMS, kernel, ("cpu",))

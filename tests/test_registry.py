@@ -10,6 +10,8 @@ from flax import nnx
 import attnjax as aj
 from attnjax import registry
 from configs import mqar
+from kernels_pallas import common as kernel_common
+from tests.helpers import kernel_on_cpu
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -37,18 +39,45 @@ def test_unknown_variant_lists_the_known_ones():
     registry.get("no_such_attention")
 
 
-def test_auto_dispatch_falls_back_past_unsupported():
-  def unsupported(x):
+def _impls():
+  def pallas(x, *, kernel):
+    return x + {"tpu": 10.0, "gpu": 20.0}[kernel]
+
+  return {"pallas": pallas, "xla": lambda x: x + 1.0, "reference": lambda x: x + 2.0}
+
+
+def test_dispatch_lowers_the_kernel_of_the_platform_compiled_for(monkeypatch):
+  x = jnp.zeros(())
+  for kernel, offset in (("tpu", 10.0), ("gpu", 20.0)):
+    kernel_on_cpu(monkeypatch, kernel)
+    for impl in ("pallas", "auto"):
+      assert jax.jit(lambda x, impl=impl: registry.dispatch(_impls(), impl, x))(x) == offset
+    assert registry.dispatch(_impls(), "xla", x) == 1.0
+
+
+def test_auto_lowers_xla_where_no_kernel_and_pallas_fails_clearly(monkeypatch):
+  x = jnp.zeros(())
+  monkeypatch.setattr(kernel_common, "compilable_kernels", lambda: ("tpu",))  # lowered for CPU
+  assert jax.jit(lambda x: registry.dispatch(_impls(), "auto", x))(x) == 1.0
+  with pytest.raises(registry.Unsupported, match=r"platforms \('tpu',\).*runs on \('cpu',\)"):
+    jax.jit(lambda x: registry.dispatch(_impls(), "pallas", x))(x)
+  monkeypatch.setattr(kernel_common, "compilable_kernels", lambda: ())  # a CPU-only install
+  assert registry.dispatch(_impls(), "auto", x) == 1.0
+  with pytest.raises(registry.Unsupported, match="no Pallas kernel compiles on this installation"):
+    registry.dispatch(_impls(), "pallas", x)
+
+
+def test_auto_dispatch_falls_back_past_unsupported(monkeypatch):
+  def unsupported(x, **kwargs):
     raise registry.Unsupported("not here")
 
-  impls = {"pallas": unsupported, "xla": lambda x: x + 1, "reference": lambda x: x + 2}
-  assert registry.dispatch(impls, "auto", 1) == 2
+  kernel_on_cpu(monkeypatch, "tpu")
+  impls = {"pallas": unsupported, "xla": unsupported, "reference": lambda x: x + 2}
+  assert registry.dispatch(impls, "auto", 1) == 3
   with pytest.raises(registry.Unsupported, match="not here"):
     registry.dispatch(impls, "pallas", 1)
   with pytest.raises(ValueError, match="impl must be one of"):
     registry.dispatch(impls, "triton", 1)
-  assert registry.auto_order("tpu")[0] == "pallas"
-  assert registry.auto_order("cpu")[0] == "xla"
 
 
 def test_readme_variant_table_is_up_to_date():

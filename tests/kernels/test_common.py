@@ -1,4 +1,4 @@
-"""kernels_pallas.common: power-of-two tiles, which kernel runs a call, the shared custom_vjp."""
+"""kernels_pallas.common: power-of-two tiles, which kernels compile here, the shared custom_vjp."""
 
 from __future__ import annotations
 
@@ -28,19 +28,29 @@ def test_powers_of_two():
 
 
 @pytest.mark.parametrize(
-  "backend, kernel",
-  [("tpu", "tpu"), ("gpu", "gpu"), ("cuda", "gpu"), ("rocm", "gpu"), ("cpu", None)],
+  "backend, libtpu, gpu_plugin, kernels",
+  [
+    ("cpu", False, False, ()),
+    ("cpu", True, False, ("tpu",)),
+    ("cpu", True, True, ("tpu", "gpu")),
+    ("tpu", False, False, ("tpu",)),
+    ("cuda", False, False, ("gpu",)),
+    ("rocm", False, False, ("gpu",)),
+  ],
 )
-def test_select_kernel_follows_the_backend(monkeypatch, backend, kernel):
+def test_compilable_kernels_follow_backend_and_installed_compilers(
+  monkeypatch, backend, libtpu, gpu_plugin, kernels
+):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
-  assert common.select_kernel() == kernel
-  assert common.select_kernel(interpret=True) == "tpu"
-  assert common.select_kernel("gpu", interpret=True) == "gpu"
+  monkeypatch.setattr(common, "_has_module", lambda name: libtpu and name == "libtpu")
+  monkeypatch.setattr(common, "_gpu_plugin_installed", lambda: gpu_plugin)
+  assert common.compilable_kernels() == kernels
 
 
-def test_select_kernel_rejects_unknown_names():
-  with pytest.raises(ValueError, match="kernel must be one of None, 'tpu', 'gpu'"):
-    common.select_kernel("cuda")
+def test_check_kernel_rejects_unknown_names():
+  assert common.check_kernel("gpu") == "gpu"
+  with pytest.raises(ValueError, match=r"kernel must be one of \('tpu', 'gpu'\)"):
+    common.check_kernel("cuda")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,16 +2,15 @@
 
 Both kernels (Lightning Attention-2 tiling, every decay kind) compute the same function:
 `kernels_pallas.chunked_linear.tpu` (Mosaic) on TPU and `kernels_pallas.chunked_linear.gpu`
-(Triton) on GPU. `pallas_interpret` runs the TPU kernel in the Pallas interpreter on any
-backend (CI: CPU); `kernel="gpu"` interprets the Triton kernel instead. On other backends
-`impl="pallas"` raises `registry.Unsupported`, so `impl="auto"` falls back to "xla".
+(Triton) on GPU; `registry.dispatch` picks the one of the platform the program is compiled
+for. `pallas_interpret` runs the TPU kernel in the Pallas interpreter on any backend (CI: CPU);
+`kernel="gpu"` interprets the Triton kernel instead.
 """
 
 from __future__ import annotations
 
 import jax
 
-from attnjax import registry
 from kernels_pallas import common, triton
 from kernels_pallas.chunked_linear import gpu, tpu
 
@@ -26,18 +25,11 @@ def linear_attention(
   causal: bool,
   chunk_size: int,
   interpret: bool,
-  kernel: str | None = None,
+  kernel: str = "tpu",
 ) -> tuple[jax.Array, jax.Array]:
   """Same arguments and function as `reference.linear_attention`, plus `interpret` and
-  `kernel` ("tpu" or "gpu"; defaults to the backend's, or "tpu" when interpreting)."""
-  kernel = common.select_kernel(kernel, interpret=interpret)
-  if kernel is None:
-    raise registry.Unsupported(
-      f"the chunked-linear Pallas kernels target TPU and GPU; backend is "
-      f"{jax.default_backend()!r} (impl='pallas_interpret' runs the TPU kernel in the "
-      "interpreter, or use impl='xla')"
-    )
-  if kernel == "gpu":
+  `kernel` ("tpu": Mosaic, "gpu": Triton)."""
+  if common.check_kernel(kernel) == "gpu":
     # Triton tiles are powers of two (>= 16): round the chunk up (the function does not change).
     chunk = common.next_power_of_two(chunk_size, at_least=triton.MIN_DOT)
     module, block_sizes = gpu, gpu.BlockSizes(chunk=chunk)

@@ -1,10 +1,10 @@
 """The "pallas" / "pallas_interpret" implementations: a `window.TilePlan` run by a fused kernel.
 
 Lays q, k, v out tile-major as `[batch, heads, N, dim]` and calls the backend's kernel of
-`kernels_pallas.neighborhood` with the plan's tile lists: Mosaic (`tpu.py`) on TPU, Triton
-(`gpu.py`) on GPU. Elsewhere "pallas" raises `registry.Unsupported` (so `impl="auto"` falls
-back to "xla"); "pallas_interpret" runs the TPU kernel in the Pallas interpreter, or the GPU
-kernel with `kernel="gpu"`.
+`kernels_pallas.neighborhood` with the plan's tile lists: Mosaic (`tpu.py`) for TPU, Triton
+(`gpu.py`) for GPU; `registry.dispatch` picks the one of the platform the program is compiled
+for. "pallas_interpret" runs the TPU kernel in the Pallas interpreter, or the GPU kernel with
+`kernel="gpu"`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import functools
 import jax
 from jax.experimental.pallas import tpu as pltpu
 
-from attnjax import registry
 from attnjax.ops.neighborhood import window
 from attnjax.ops.neighborhood.blockwise import BlockSizes
 from kernels_pallas import common
@@ -31,18 +30,9 @@ DEFAULT_TILES = {
 
 
 def attention(
-  q, k, v, *, windows, scale, block_sizes: BlockSizes | None = None, kernel: str | None = None
+  q, k, v, *, windows, scale, block_sizes: BlockSizes | None = None, kernel: str = "tpu"
 ):
-  """Same signature and result as `reference.attention`, via the backend's kernel.
-
-  `kernel` ("tpu" or "gpu") defaults to the backend's; other backends raise `Unsupported`.
-  """
-  kernel = common.select_kernel(kernel)
-  if kernel is None:
-    raise registry.Unsupported(
-      f"the neighborhood Pallas kernels target TPU and GPU, not {jax.default_backend()!r}; use "
-      "impl='xla' (or impl='pallas_interpret' to run the kernel in the interpreter)"
-    )
+  """Same signature and result as `reference.attention`, via `kernel` ("tpu" or "gpu")."""
   return fused_attention(
     q, k, v, windows=windows, scale=scale, block_sizes=block_sizes, kernel=kernel
   )
@@ -75,10 +65,9 @@ def fused_attention(
   """A kernel on `[batch, *spatial, heads, dim]` inputs, on any backend (no device check).
 
   Arguments as `reference.attention` (already validated), plus the kernel's `interpret`
-  switch and which `kernel` ("tpu" or "gpu"); `jax.export` uses them to lower a kernel for
-  TPU or CUDA from a CPU host.
+  switch and which `kernel` ("tpu" or "gpu").
   """
-  common.select_kernel(kernel)  # raises unless "tpu" or "gpu"
+  common.check_kernel(kernel)
   spatial = q.shape[1:-2]
   plan = window.tile_plan(spatial, windows, kernel_tile(kernel, spatial, windows, block_sizes))
   q_rows, k_rows, v_rows = (_heads_major(window.to_tiles(x, plan)) for x in (q, k, v))

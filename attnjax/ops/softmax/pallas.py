@@ -1,22 +1,20 @@
 """`impl="pallas"` / `"pallas_interpret"`: the block-sparse Pallas kernels behind the op's API.
 
 Builds the BlockMask for the kernel's tile sizes (outside jit, cached), converts it to the
-kernel's `MaskInfo`, and calls `kernels_pallas.block_sparse`: the Mosaic kernel on TPU, the
-Triton kernel on GPU. `pallas_interpret` runs the TPU kernel in the Pallas interpreter on any
-backend (CI: CPU). On other backends `pallas` raises `registry.Unsupported`, so
-`impl="auto"` falls back to `xla`. The kernels are not auto-partitioned by XLA: inside
-`shard_map` (sequence parallelism) they run on each shard's local arrays.
+kernel's `MaskInfo`, and calls `kernels_pallas.block_sparse`: the Mosaic kernel (`kernel="tpu"`)
+or the Triton kernel (`kernel="gpu"`); `registry.dispatch` picks the one of the platform the
+program is compiled for. `pallas_interpret` runs the TPU kernel in the Pallas interpreter on any
+backend (CI: CPU). The kernels are not auto-partitioned by XLA: inside `shard_map` (sequence
+parallelism) they run on each shard's local arrays.
 """
 
 from __future__ import annotations
 
 import functools
 
-import jax
 import numpy as np
 
 from attnjax import masks as masks_lib
-from attnjax import registry
 from attnjax.ops.softmax.blockwise import BlockSizes
 from kernels_pallas import block_sparse, common, triton
 
@@ -61,18 +59,11 @@ def attention(
   q_offset,
   block_sizes=None,
   interpret=False,
-  kernel=None,
+  kernel="tpu",
 ):
-  """Same function and arguments as `reference.attention`, computed by a Pallas kernel.
-
-  `kernel` ("tpu" or "gpu") defaults to the backend's, or "tpu" when interpreting.
-  """
-  kernel = common.select_kernel(kernel, interpret=interpret)
-  if kernel is None:
-    raise registry.Unsupported(
-      f"the block-sparse Pallas kernels target TPU and GPU; backend is {jax.default_backend()!r} "
-      "(impl='pallas_interpret' runs the TPU kernel in the interpreter)"
-    )
+  """Same function and arguments as `reference.attention`, computed by the Pallas `kernel`
+  ("tpu": Mosaic, "gpu": Triton)."""
+  common.check_kernel(kernel)
   blocks = block_sizes or DEFAULT_BLOCKS[kernel]
   if kernel == "gpu":  # Triton tiles are powers of two
     blocks = BlockSizes(

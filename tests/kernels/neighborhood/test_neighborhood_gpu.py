@@ -11,7 +11,7 @@ import pytest
 
 from attnjax.ops.neighborhood import BlockSizes, neighborhood_attention, pallas, window
 from kernels_pallas.neighborhood import gpu
-from tests.helpers import TOL_BLOCKED_F32, assert_close, random_normal
+from tests.helpers import TOL_BLOCKED_F32, assert_close, kernel_on_cpu, random_normal
 
 
 def test_impl_pallas_on_gpu_runs_the_gpu_kernel(monkeypatch):
@@ -22,7 +22,7 @@ def test_impl_pallas_on_gpu_runs_the_gpu_kernel(monkeypatch):
   def not_tpu(*args, **kwargs):
     raise AssertionError("impl='pallas' on GPU called the TPU kernel")
 
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  kernel_on_cpu(monkeypatch, "gpu")
   monkeypatch.setitem(pallas.KERNELS, "gpu", gpu_interpreted)
   monkeypatch.setitem(pallas.KERNELS, "tpu", not_tpu)
   keys = jax.random.split(jax.random.PRNGKey(2), 3)
