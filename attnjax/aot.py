@@ -17,6 +17,8 @@ import collections
 import dataclasses
 import functools
 import importlib.util
+import json
+import os
 import re
 from collections.abc import Callable, Sequence
 
@@ -50,6 +52,9 @@ def tpu_devices(topology: str) -> tuple[jax.Device, ...]:
       f"compiling for topology={topology!r} needs the TPU compiler: "
       "pip install -r requirements-compile.txt"
     )
+  # libtpu takes a lock file per process unless told otherwise; compile-only clients in
+  # several processes (pytest-xdist workers, parallel benchmarks) need no exclusive TPU.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
 
   try:
@@ -142,3 +147,22 @@ def collectives(compiled) -> collections.Counter:
     else:
       counts.update(_COLLECTIVE.findall(computation[0]))
   return counts
+
+
+VMEM_SPACE = "1"  # Mosaic's memory-space id of VMEM in `used_scoped_memory_configs`
+
+
+def kernel_scoped_memory(compiled) -> list[dict[str, int]]:
+  """Per Mosaic kernel in the compiled program: the scoped memory the compiler allocated,
+  `{memory_space_id: bytes}` (id "1" is VMEM), from each custom call's backend config."""
+  used = []
+  for line in compiled.as_text().splitlines():
+    if 'custom_call_target="tpu_custom_call"' not in line:
+      continue
+    start = line.index("backend_config=") + len("backend_config=")
+    config, _ = json.JSONDecoder().raw_decode(line, start)
+    sizes: dict[str, int] = collections.Counter()
+    for entry in config.get("used_scoped_memory_configs", []):
+      sizes[entry["memory_space"]] += int(entry["size"])
+    used.append(dict(sizes))
+  return used
