@@ -4,20 +4,25 @@
     python benchmarks/seqpar.py --quick    # T = 16k only
     python benchmarks/seqpar.py --strategies=lasp2,zeco,ulysses   # a subset (a minute)
 
-The full run took about 25 minutes on 2 shared CPU cores, almost all of it compiling the ring
+The full run took about 30 minutes on 2 shared CPU cores, almost all of it compiling the ring
 (P steps x 4 chunk pairs, each pair's branches compiled once, forward and backward).
 
-For each strategy (softmax: ring (zigzag; ring_preordered: inputs already in zigzag order, so
-no relayout), allgather, ulysses under a causal mask; linear:
-lasp2, zeco with a data-dependent scalar decay) and sequence length, one attention layer's
-forward and its training step (forward + backward) are compiled for a mesh of 8 devices on the
-`seq` axis. From the compiled HLO (`attnjax.parallel.comms`) it reads every collective and the
-bytes each device sends (loop bodies multiplied by their trip counts); backward bytes are the
-training step's minus the forward's. Peak memory per device is the compiled program's
-arguments + outputs + temporaries, next to the same step compiled for one device. The table
-also gives each strategy's theoretical minimum traffic. Wall time is measured at T = 4096 on
-the *simulated* devices (8 virtual devices sharing this machine's cores: it shows overheads,
-not speed-ups). Results: `benchmarks/results/seqpar.json` and `seqpar.md`.
+For each strategy (softmax: ring on arrays in its zigzag layout, as a model that lays its
+sequence out once passes them; ring_natural: a standalone ring call on natural-order arrays,
+which moves q, k, v and the outputs into the zigzag layout and back; allgather, ulysses,
+under a causal mask; linear: lasp2, zeco with a data-dependent scalar decay) and sequence
+length, one attention layer's forward and its training step (forward + backward) are
+compiled for a mesh of 8 devices on the `seq` axis. From the compiled HLO
+(`attnjax.parallel.comms`) it reads every collective and the bytes each device sends (loop
+bodies multiplied by their trip counts); backward bytes are the training step's minus the
+forward's. Peak memory per device is the compiled program's arguments + outputs +
+temporaries, next to the same step compiled for one device. The table also gives each
+strategy's theoretical minimum traffic. A second table compiles the forward of a `DecoderLM`
+of `MODEL_DEPTH` layers of one strategy at the longest length and gives its bytes per layer,
+the model's once-per-model relayout (ring: tokens into the zigzag layout, hidden states back)
+included. Wall time is measured at T = 4096 on the *simulated* devices (8 virtual devices
+sharing this machine's cores: it shows overheads, not speed-ups). Results:
+`benchmarks/results/seqpar.json` and `seqpar.md`.
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from attnjax import masks  # noqa: E402
+from attnjax import masks, nn  # noqa: E402
+from attnjax.nn.seq_parallel import SeqParallel  # noqa: E402
 from attnjax.ops import dot_product_attention, linear_attention  # noqa: E402
 from attnjax.parallel import comms, sequence_parallel  # noqa: E402
 
@@ -47,10 +54,12 @@ PARTS = 8
 BATCH, HEADS, KV_HEADS, HEAD_DIM = 1, 8, 2, 32
 # float32: the CPU backend runs bfloat16 collectives in float32, which would double the bytes.
 DTYPE = jnp.float32
-SOFTMAX = ("ring", "ring_preordered", "allgather", "ulysses")
-# name -> (strategy, options); ring_preordered: inputs already in zigzag order (no relayout).
-OPTIONS = {"ring_preordered": ("ring", {"relayout": False})}
+SOFTMAX = ("ring", "ring_natural", "allgather", "ulysses")
+# name -> (strategy, options): ring as models call it, and on natural-order arrays.
+OPTIONS = {"ring": ("ring", {"layout": "zigzag"}), "ring_natural": ("ring", {})}
 LINEAR = ("lasp2", "zeco")
+MODEL_STRATEGIES = ("ring", "allgather", "ulysses", "lasp2", "zeco")
+MODEL_DEPTH, MODEL_VOCAB = 4, 256
 
 
 def _inputs(strategy: str, seq_len: int):
@@ -140,6 +149,45 @@ def measure(strategy: str, seq_len: int, mesh) -> dict:
   }
 
 
+def _model(strategy: str, mesh) -> nn.DecoderLM:
+  """A DecoderLM whose every layer runs `strategy` (softmax: causal "softmax"; linear: "linear")."""
+  linear = strategy in LINEAR
+  context = SeqParallel(mesh, **({"linear": strategy} if linear else {"softmax": strategy}))
+  return nn.DecoderLM(
+    vocab_size=MODEL_VOCAB,
+    embed_dim=HEADS * HEAD_DIM,
+    depth=MODEL_DEPTH,
+    num_heads=HEADS,
+    num_kv_heads=HEADS if linear else KV_HEADS,
+    head_dim=HEAD_DIM,
+    mlp_dim=0,
+    layer_pattern="linear" if linear else "softmax",
+    dtype=DTYPE,
+    seq_parallel=context,
+    rngs=nnx.Rngs(0),
+  )
+
+
+def measure_model(strategy: str, seq_len: int, mesh) -> dict:
+  """Forward bytes per device per layer of a `MODEL_DEPTH`-layer model, its relayout included."""
+  model = nnx.eval_shape(lambda: _model(strategy, mesh))
+  graph, params = nnx.split(model)
+  forward = jax.jit(lambda params, tokens: nnx.merge(graph, params)(tokens))
+  tokens = jax.ShapeDtypeStruct((BATCH, seq_len), jnp.int32)
+  found = comms.collectives(forward.lower(params, tokens).compile().as_text(), PARTS)
+  per_layer = comms.bytes_sent_per_device(found, PARTS) / MODEL_DEPTH
+  min_fwd, _ = theoretical_bytes(strategy, seq_len)
+  return {
+    "strategy": strategy,
+    "seq_len": seq_len,
+    "depth": MODEL_DEPTH,
+    "layout": model.seq_parallel.layout,
+    "forward_bytes_per_device_per_layer": per_layer,
+    "theoretical_forward_bytes": min_fwd,
+    "ratio_to_minimum": per_layer / min_fwd,
+  }
+
+
 def wall_time(strategy: str, seq_len: int, mesh, repeats: int = 3) -> dict:
   """Median seconds of a training step on the simulated devices and on one device."""
   key = jax.random.key(0)
@@ -163,7 +211,26 @@ def _mib(x: float) -> str:
   return f"{x / 2**20:.3f}"
 
 
-def markdown(rows: list[dict], timings: dict, timing_len: int) -> str:
+def model_markdown(model_rows: list[dict]) -> list[str]:
+  lines = [
+    "",
+    f"Forward of a {MODEL_DEPTH}-layer DecoderLM (embed {HEADS * HEAD_DIM}, no MLP) whose every "
+    "layer runs the strategy: bytes sent per device per layer (MiB), the model's relayout "
+    "into and out of its sequence layout included, vs the per-layer minimum.",
+    "",
+    "| strategy | T | layout | forward MiB / layer [min] | ratio to min |",
+    "|---|---|---|---|---|",
+  ]
+  for r in model_rows:
+    lines.append(
+      f"| {r['strategy']} | {r['seq_len']} | {r['layout']} | "
+      f"{_mib(r['forward_bytes_per_device_per_layer'])} [{_mib(r['theoretical_forward_bytes'])}]"
+      f" | {r['ratio_to_minimum']:.3f} |"
+    )
+  return lines
+
+
+def markdown(rows: list[dict], model_rows: list[dict], timings: dict, timing_len: int) -> str:
   lines = [
     f"# Sequence parallelism: 8 simulated CPU devices, batch {BATCH}, {HEADS} heads "
     f"({KV_HEADS} kv heads for softmax), head_dim {HEAD_DIM}, {jnp.dtype(DTYPE).name}",
@@ -182,6 +249,8 @@ def markdown(rows: list[dict], timings: dict, timing_len: int) -> str:
       f"[{_mib(r['theoretical_backward_bytes'])}] | {_mib(r['peak_memory_per_device'])} | "
       f"{_mib(r['peak_memory_single_device'])} |"
     )
+  if model_rows:
+    lines += model_markdown(model_rows)
   if timings:
     lines += [
       "",
@@ -201,6 +270,7 @@ def main():
   parser.add_argument("--quick", action="store_true", help="T = 16k only")
   parser.add_argument("--timing-len", type=int, default=4096)
   parser.add_argument("--strategies", default=",".join(SOFTMAX + LINEAR))
+  parser.add_argument("--model-strategies", default=",".join(MODEL_STRATEGIES))
   args = parser.parse_args()
   lengths = [16_384] if args.quick else [16_384, 65_536, 262_144]
   mesh = jax.make_mesh((PARTS,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -213,15 +283,21 @@ def main():
     if args.timing_len:
       timings[strategy] = wall_time(strategy, args.timing_len, mesh)
       print(strategy, timings[strategy], flush=True)
+  model_rows = []
+  for strategy in filter(None, args.model_strategies.split(",")):
+    start = time.perf_counter()
+    model_rows.append(measure_model(strategy, lengths[-1], mesh))
+    print(json.dumps(model_rows[-1]), f"({time.perf_counter() - start:.0f}s)", flush=True)
   RESULTS.mkdir(exist_ok=True)
   payload = {
     "device": "8 simulated CPU devices",
     "rows": rows,
+    "model_rows": model_rows,
     "wall_time": timings,
     "timing_len": args.timing_len,
   }
   (RESULTS / "seqpar.json").write_text(json.dumps(payload, indent=1))
-  table = markdown(rows, timings, args.timing_len)
+  table = markdown(rows, model_rows, timings, args.timing_len)
   (RESULTS / "seqpar.md").write_text(table)
   print(table)
 
