@@ -4,16 +4,40 @@
       --config.data.text.source_dir=/path/to/corpus --config.data.text.data_dir=/path/to/tfds
 
 Run it on every host of the slice (jax.distributed.initialize finds the TPU pod by itself;
-set `--config.distributed.initialize=True`). Hardware: 256 TPU chips (e.g. v5e-256).
-Model: 16 layers, width 2048, 16 query / 8 kv heads of 128, SwiGLU 8192, vocab 32768, bf16
-activations, sequences of 4096, global batch 256 (1M tokens per step), 20k steps (~20B tokens).
-Expected time (an estimate, never measured): 6 * 1.07e9 * 2.1e10 FLOP at ~40% of
-256 x 197 TFLOP/s is about 2 hours; expected result: held-out loss well below 1 nat/byte.
+set `--config.distributed.initialize=True`). Hardware: the mesh as written needs 256 chips,
+but it does not fit a v5e-256 (below); 128 v5p chips (v5p:4x4x8, `--config.mesh.shape.data=-1`)
+hold it. Model: 16 layers, width 2048, 16 query / 8 kv heads of 128, SwiGLU 8192, vocab 32768,
+bf16 activations, sequences of 4096, global batch 256 (1M tokens per step), 20k steps (~20B
+tokens).
 
-It cannot run here; `tests/configs/test_pod_config.py` builds it abstractly, checks every
-parameter's sharding on a simulated 256-device mesh and the per-device memory: 64 MiB of
-float32 parameters and 192 MiB with the AdamW state per chip (every weight split 64 ways by
-fsdp x tensor, replicated over data x seq).
+Compiler figures, never run on a TPU: the train step compiled by XLA:TPU and Mosaic for
+compile-only devices on a CPU host (libtpu 0.0.42.1, jax 0.10.2):
+
+    python train.py --config=configs/pod_lm_1b.py --workdir=/tmp/lm1b --compile_topology=v5e:16x16
+    python train.py --config=configs/pod_lm_1b.py --workdir=/tmp/lm1b --compile_topology=v5p:4x4x8 \
+      --config.mesh.shape.data=-1
+
+v5e:16x16 (256 chips, data 2 x fsdp 16 x tensor 4 x seq 2, 8 x 2048 tokens per chip) does NOT
+fit: parameters and AdamW state take 192 MiB per chip (201,377,292 bytes), but the compiler
+needs 24.28G of HBM per chip where it allows 15.75G (of 16.0 GiB); with XLA attention
+(`impl="xla"`) instead of the Mosaic kernels it needs 16.91G. Beyond the state, that is the
+step's temporaries: activations kept for the backward pass (the model has no
+rematerialization). Compiling took 14 min on a 2-core host shared with other jobs.
+v5p:4x4x8 (128 chips, data 1 x fsdp 16 x tensor 4 x seq 2, 16 x 2048 tokens per chip) fits:
+per chip 192.55 MiB of arguments (parameters, AdamW state, batch), 53.06 GiB of temporaries,
+53.25 GiB in all (outputs reuse the donated state) of 95.93 GiB HBM; 7.64e15 FLOP per step
+(5.96e13 per chip, close to 6 x 1.07e9 x 2^20 = 6.7e15 plus causal attention); collectives in
+the program: 356 all-gather, 53 reduce-scatter, 128 all-reduce, 108 collective-permute (the
+ring); 320 Mosaic kernels. Compiling took 22 min on the same shared host.
+
+Expected time (not measured): on v5p:4x4x8, 5.96e13 FLOP per chip per step at 40% of 459
+TFLOP/s is 0.32 s per step, about 1.8 hours for 20k steps.
+Expected result (not measured): held-out loss well below 1 nat/byte.
+
+`tests/configs/test_configs.py` builds it abstractly and checks every parameter's sharding on
+a simulated 256-device mesh and the per-device memory: 64 MiB of float32 parameters and 192 MiB
+with the AdamW state per chip (every weight split 64 ways by fsdp x tensor, replicated over data
+x seq).
 """
 
 from attnjax.training.config import default_config, lock
