@@ -8,7 +8,8 @@ model and optimizer are built abstractly (`build.experiment`, no memory), and th
 program is the loop's own jitted step (`step.make_train_step`: donated state, the state's and
 the batch's shardings) on a global batch of `train.batch_size` rows shaped like the config's
 data source. Figures are the compiler's (`memory_analysis`, `cost_analysis`, the HLO text),
-not measurements of a run. Nothing is trained and nothing is written.
+not measurements of a run. Nothing is trained and no checkpoint or log is written (a text
+config's dataset is prepared if missing: one row of it gives the batch's shapes).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class TopologyReport:
   `flops_per_chip` is what one chip executes (`cost_analysis` of the partitioned program;
   work inside Mosaic kernels counts only through their cost estimates); `flops_per_step` is
   that times `chips`, replicated work included. `collectives` counts the collective ops of
-  each kind in the compiled program text (an op inside a loop counts once).
+  each kind in the compiled program text (an op inside a loop counts once). `compile_s` is
+  the wall time of lowering and compiling.
   """
 
   topology: str
@@ -99,7 +101,7 @@ class TopologyReport:
     return "\n".join(
       [
         f"{self.topology}: {self.chips} x {self.device_kind}, mesh {self.mesh}, "
-        f"compiled in {self.compile_s:.1f}s",
+        f"lowered and compiled in {self.compile_s:.1f}s",
         f"per chip: arguments {_size(self.arguments)} (parameters, optimizer state, batch), "
         f"temporaries {_size(self.temporaries)}, outputs {_size(self.outputs)} "
         f"({_size(self.aliased)} in donated buffers), total {_size(self.total)} of "
