@@ -11,15 +11,20 @@ to token i (so every exponent below is <= 0):
     S'  = e^{G_C} S + sum_j (k_j e^{G_C - G_j})^T v_j
 
 Decay kinds: one log decay per token and head (`log_decay [batch, seq, heads, 1]`; a constant
-per head is broadcast to it) uses the MXU for the [C, C] scores; a decay per key channel (GLA,
-`[batch, seq, heads, key_dim]`) builds the scores one query row at a time from [C, key_dim]
-tiles, exactly, without the overflow-prone `k e^{-G}` factorization.
+per head is broadcast to it) uses the MXU for the [C, C] scores and reaches the kernel as one
+lane-dense row of G per chunk; a decay per key channel (GLA, `[batch, seq, heads, key_dim]`)
+builds the scores one query row at a time from [C, key_dim] tiles, exactly, without the
+overflow-prone `k e^{-G}` factorization.
 
-The backward kernel walks the chunks in reverse carrying dS, the gradient of the state, and
-gets the decay gradient from the identity dG_i = q_i * dq_i - k_i * dk_i (+ <dS', S'> on the
-chunk's last token), which holds because G enters only through q e^{G}, k e^{-G} and e^{G_C}.
+Two forward kernels: the primal one (no gradient taken) writes only the output and the final
+state; the one of the `custom_vjp`'s forward rule also saves the state before every chunk for
+the backward kernel, which walks the chunks in reverse carrying dS, the gradient of the state,
+and gets the decay gradient from the identity dG_i = q_i * dq_i - k_i * dk_i (+ <dS', S'> on
+the chunk's last token), which holds because G enters only through q e^{G}, k e^{-G} and
+e^{G_C}.
 
-Computation is float32 in VMEM for float32 and bfloat16 inputs. Layout
+Matmul operands are in the inputs' dtype (bfloat16 inputs feed the MXU bfloat16, the state and
+the decayed tiles rounded to it), accumulation and everything elementwise in float32. Layout
 `[batch, seq, heads, dim]`, GQA by shape, like its reference
 `attnjax.ops.linear.reference.linear_attention`, which it must equal.
 """
@@ -28,23 +33,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import common
-from kernels_pallas.chunked_linear.common import check_shapes, sum_groups
+from kernels_pallas.chunked_linear.common import check_shapes, sum_groups, vmem_limit_bytes
 
 CHUNK_MULTIPLE = 16  # chunk granularity that tiles both float32 (8) and bfloat16 (16) sublanes
+# The smallest chunk the op runs on TPU: [C, C] score tiles fill the 128-wide MXU, and the
+# per-chunk state traffic is amortized over at least 128 tokens.
+MIN_CHUNK = 128
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tokens per chunk: the [C, C] intra-chunk tile and the state-update granularity."""
 
-  chunk: int = 64
+  chunk: int = MIN_CHUNK
 
   def __post_init__(self):
     if self.chunk < CHUNK_MULTIPLE or self.chunk % CHUNK_MULTIPLE:
@@ -57,6 +66,7 @@ class _Static:
 
   chunk: int
   vector: bool  # one log decay per key channel (else one per token and head)
+  mxu_dtype: jnp.dtype  # the inputs' dtype: what matmul operands are rounded to
   interpret: bool | pltpu.InterpretParams
 
 
@@ -64,26 +74,70 @@ class _Static:
 # Kernel bodies.
 
 
-def _dot(a, b, *, transpose_a=False, transpose_b=False):
-  """float32 matmul of 2-D tiles with optional transposes (no data movement)."""
+def _dot(st, a, b, *, transpose_a=False, transpose_b=False):
+  """Matmul of 2-D tiles in `st.mxu_dtype`, float32 accumulation, optional transposes."""
   contract = (0 if transpose_a else 1, 1 if transpose_b else 0)
   return jax.lax.dot_general(
-    a, b, ((contract[:1], contract[1:]), ((), ())), preferred_element_type=jnp.float32
+    a.astype(st.mxu_dtype),
+    b.astype(st.mxu_dtype),
+    ((contract[:1], contract[1:]), ((), ())),
+    preferred_element_type=jnp.float32,
   )
 
 
-def _chunk_decays(g, g_last_col):
-  """`g` = G [C, f'] -> (e^{G_i} [C, f'], e^{G_C - G_j} [C, f'], e^{G_C} as a column [f', 1])."""
-  g_last_row = g[g.shape[0] - 1 :, :]
-  return jnp.exp(g), jnp.exp(g_last_row - g), jnp.exp(g_last_col)
+def _diagonal(n):
+  return jax.lax.broadcasted_iota(jnp.int32, (n, n), 0) == jax.lax.broadcasted_iota(
+    jnp.int32, (n, n), 1
+  )
 
 
-def _decay_matrix(g_col, g_row):
-  """Scalar decay: `D_ij = e^{G_i - G_j}` for j <= i, else 0, from G `[C, 1]` and `[1, C]`."""
-  chunk = g_col.shape[0]
+def _row_to_column(row):
+  """`[1, n]` -> `[n, 1]` through the diagonal of an [n, n] select (no transpose op)."""
+  return jnp.sum(jnp.where(_diagonal(row.shape[1]), row, 0.0), axis=1, keepdims=True)
+
+
+def _column_to_row(column):
+  """`[n, 1]` -> `[1, n]`, the inverse of `_row_to_column`."""
+  return jnp.sum(jnp.where(_diagonal(column.shape[0]), column, 0.0), axis=0, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decays:
+  """The decays of one chunk: e^{G_i} and e^{G_C - G_j} (`[C, 1]` scalar, `[C, f]` vector),
+  e^{G_C} as a column over key channels (`[1, 1]` or `[f, 1]`), and G as loaded."""
+
+  q: jax.Array
+  k: jax.Array
+  state: jax.Array
+  g: jax.Array
+  g_column: jax.Array  # G per token: `[C, 1]` (scalar) or `[C, f]` (vector)
+
+
+def _chunk_decays(st, g_ref):
+  """From G as the kernel gets it: a row `[1, C]` (scalar) or a `[C, f]` tile (vector)."""
+  g = g_ref[...]
+  if st.vector:
+    g_tokens, g_last_row = g, g[g.shape[0] - 1 :, :]
+    g_last_column = _row_to_column(g_last_row)
+  else:
+    g_tokens, g_last_row = _row_to_column(g), g[:, g.shape[1] - 1 :]
+    g_last_column = g_last_row
+  return _Decays(
+    q=jnp.exp(g_tokens),
+    k=jnp.exp(g_last_row - g_tokens),
+    state=jnp.exp(g_last_column),
+    g=g,
+    g_column=g_tokens,
+  )
+
+
+def _decay_matrix(decays):
+  """Scalar decay: `D_ij = e^{G_i - G_j}` for j <= i, else 0 (`[C, C]`)."""
+  g_row = decays.g
+  chunk = g_row.shape[1]
   rows = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
   cols = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-  return jnp.exp(jnp.where(rows >= cols, g_col - g_row, -jnp.inf))
+  return jnp.exp(jnp.where(rows >= cols, decays.g_column - g_row, -jnp.inf))
 
 
 def _row_decays(g_ref, i, g):
@@ -92,28 +146,27 @@ def _row_decays(g_ref, i, g):
   return decay, jax.lax.broadcasted_iota(jnp.int32, (g.shape[0], 1), 0) <= i
 
 
-def _forward_kernel(*refs, st):
-  q_ref, k_ref, v_ref, g_ref, init_ref, g_last_ref, *rest = refs
-  g_row_ref = None if st.vector else rest.pop(0)  # G as rows, for the scalar decay matrix
-  out_ref, states_ref, final_ref, state = rest
+def _forward_kernel(*refs, st, save_states):
+  q_ref, k_ref, v_ref, g_ref, init_ref, out_ref, *rest = refs
+  states_ref = rest.pop(0) if save_states else None
+  final_ref, state = rest
   chunk_index = pl.program_id(2)
 
   @pl.when(chunk_index == 0)
   def _():
     state[...] = init_ref[...]
 
-  q = q_ref[...].astype(jnp.float32)
-  k = k_ref[...].astype(jnp.float32)
-  v = v_ref[...].astype(jnp.float32)
-  g = g_ref[...]
-  decay_q, decay_k, decay_state = _chunk_decays(g, g_last_ref[...])
+  q, k, v = q_ref[...], k_ref[...], v_ref[...]
+  decays = _chunk_decays(st, g_ref)
   state_before = state[...]
-  states_ref[...] = state_before
-  inter = _dot(q * decay_q, state_before)
+  if save_states:
+    states_ref[...] = state_before
+  inter = _dot(st, q * decays.q, state_before)
   if st.vector:
     # Per-channel decay makes each score a sum over channels of differently decayed
     # products, so scores are built one query row at a time: [C, f] tiles, no [C, C, f].
     out_ref[...] = inter
+    g = decays.g
 
     def add_row(i, carry):
       decay, visible = _row_decays(g_ref, i, g)
@@ -123,9 +176,9 @@ def _forward_kernel(*refs, st):
 
     jax.lax.fori_loop(0, g.shape[0], add_row, 0)
   else:
-    scores = _dot(q, k, transpose_b=True) * _decay_matrix(g, g_row_ref[...])
-    out_ref[...] = inter + _dot(scores, v)
-  state[...] = decay_state * state_before + _dot(k * decay_k, v, transpose_a=True)
+    scores = _dot(st, q, k, transpose_b=True) * _decay_matrix(decays)
+    out_ref[...] = inter + _dot(st, scores, v)
+  state[...] = decays.state * state_before + _dot(st, k * decays.k, v, transpose_a=True)
 
   @pl.when(chunk_index == pl.num_programs(2) - 1)
   def _():
@@ -133,8 +186,7 @@ def _forward_kernel(*refs, st):
 
 
 def _backward_kernel(*refs, st):
-  q_ref, k_ref, v_ref, g_ref, states_ref, d_out_ref, d_final_ref, g_last_ref, *rest = refs
-  g_row_ref = None if st.vector else rest.pop(0)
+  q_ref, k_ref, v_ref, g_ref, states_ref, d_out_ref, d_final_ref, *rest = refs
   dq_ref, dk_ref, dv_ref, dg_ref, d_init_ref, d_state = rest
   step = pl.program_id(2)  # chunks are visited last to first
 
@@ -142,20 +194,17 @@ def _backward_kernel(*refs, st):
   def _():
     d_state[...] = d_final_ref[...]
 
-  q = q_ref[...].astype(jnp.float32)
-  k = k_ref[...].astype(jnp.float32)
-  v = v_ref[...].astype(jnp.float32)
-  d_out = d_out_ref[...]
-  g = g_ref[...]
-  decay_q, decay_k, decay_state = _chunk_decays(g, g_last_ref[...])
+  q, k, v, d_out = q_ref[...], k_ref[...], v_ref[...], d_out_ref[...]
+  decays = _chunk_decays(st, g_ref)
   state_before, d_state_after = states_ref[...], d_state[...]
-  k_to_end = k * decay_k
+  k_to_end = k * decays.k
   # Through the state: o_i += (q_i e^{G_i}) S and S' += (k_j e^{G_C - G_j})^T v_j.
-  dq = _dot(d_out, state_before, transpose_b=True) * decay_q
-  dk = _dot(v, d_state_after, transpose_b=True) * decay_k
-  dv = _dot(k_to_end, d_state_after)
+  dq = _dot(st, d_out, state_before, transpose_b=True) * decays.q
+  dk = _dot(st, v, d_state_after, transpose_b=True) * decays.k
+  dv = _dot(st, k_to_end, d_state_after)
   if st.vector:
     dq_ref[...] = dq
+    g = decays.g
 
     def add_row(i, carry):
       dk, dv = carry
@@ -169,23 +218,23 @@ def _backward_kernel(*refs, st):
     dk, dv = jax.lax.fori_loop(0, g.shape[0], add_row, (dk, dv))
     dq = dq_ref[...]
   else:
-    decay_matrix = _decay_matrix(g, g_row_ref[...])
-    scores = _dot(q, k, transpose_b=True) * decay_matrix
-    d_scores = _dot(d_out, v, transpose_b=True) * decay_matrix
-    dq = dq + _dot(d_scores, k)
-    dk = dk + _dot(d_scores, q, transpose_a=True)
-    dv = dv + _dot(scores, d_out, transpose_a=True)
+    decay_matrix = _decay_matrix(decays)
+    scores = _dot(st, q, k, transpose_b=True) * decay_matrix
+    d_scores = _dot(st, d_out, v, transpose_b=True) * decay_matrix
+    dq = dq + _dot(st, d_scores, k)
+    dk = dk + _dot(st, d_scores, q, transpose_a=True)
+    dv = dv + _dot(st, scores, d_out, transpose_a=True)
     dq_ref[...] = dq
   dk_ref[...] = dk
   dv_ref[...] = dv
-  state_after = decay_state * state_before + _dot(k_to_end, v, transpose_a=True)
-  # <dS', S'> per key channel, as a row [1, f]: the explicit e^{G_C} factor of S'.
-  ones = jnp.ones((1, state_after.shape[1]), jnp.float32)
-  through_state = _dot(ones, d_state_after * state_after, transpose_b=True)
-  is_last = jax.lax.broadcasted_iota(jnp.int32, (g.shape[0], 1), 0) == g.shape[0] - 1
-  d_g = q * dq - k * dk + jnp.where(is_last, through_state, 0.0)
-  dg_ref[...] = d_g if st.vector else jnp.sum(d_g, axis=1, keepdims=True)
-  d_state[...] = decay_state * d_state_after + _dot(q * decay_q, d_out, transpose_a=True)
+  state_after = decays.state * state_before + _dot(st, k_to_end, v, transpose_a=True)
+  # <dS', S'> per key channel: the explicit e^{G_C} factor of S', on the chunk's last token.
+  through_state = _column_to_row(jnp.sum(d_state_after * state_after, axis=1, keepdims=True))
+  is_last = jax.lax.broadcasted_iota(jnp.int32, (k.shape[0], 1), 0) == k.shape[0] - 1
+  d_g = q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk
+  d_g += jnp.where(is_last, through_state, 0.0)
+  dg_ref[...] = d_g if st.vector else _column_to_row(jnp.sum(d_g, axis=1, keepdims=True))
+  d_state[...] = decays.state * d_state_after + _dot(st, q * decays.q, d_out, transpose_a=True)
 
   @pl.when(step == pl.num_programs(2) - 1)
   def _():
@@ -197,9 +246,11 @@ def _backward_kernel(*refs, st):
 
 
 def _specs(q, k, v, g, chunk, *, reverse):
-  """BlockSpecs of the [b, h, t, d]-layout operands, walking chunks forward or in reverse."""
+  """BlockSpecs of the [b, h, t, d]-layout operands, walking chunks forward or in reverse.
+
+  `g` is `[b, h, n, 1, C]` (scalar decay, one row per chunk) or `[b, h, t, f]` (vector)."""
   heads, seq, key_dim = q.shape[1:]
-  groups, value_dim, decay_dim = heads // k.shape[1], v.shape[3], g.shape[3]
+  groups, value_dim = heads // k.shape[1], v.shape[3]
   num_chunks = seq // chunk
 
   def chunk_of(n):
@@ -218,92 +269,142 @@ def _specs(q, k, v, g, chunk, *, reverse):
     k=tokens(key_dim, per_kv_head=True),
     v=tokens(value_dim, per_kv_head=True),
     v_sized=tokens(value_dim),
-    g=tokens(decay_dim),
-    g_last=per_chunk(decay_dim, 1),
-    g_row=per_chunk(1, chunk),
+    g=tokens(key_dim) if g.ndim == 4 else per_chunk(1, chunk),
     states=per_chunk(key_dim, value_dim),
     state=pl.BlockSpec((None, None, key_dim, value_dim), lambda b, h, n: (b, h, 0, 0)),
   )
 
 
-def _decay_operands(g, chunk):
-  """(G_C of each chunk as a column [b, h, n, f', 1], G as rows [b, h, n, 1, C] if scalar)."""
-  batch, heads, seq, decay_dim = g.shape
-  by_chunk = g.reshape(batch, heads, seq // chunk, chunk, decay_dim)
-  g_last = by_chunk[:, :, :, -1, :, None]
-  return (g_last,) if decay_dim > 1 else (g_last, by_chunk.transpose(0, 1, 2, 4, 3))
+def _block_shape(spec):
+  return tuple(d for d in spec.block_shape if isinstance(d, int))
 
 
-def _tpu_call(st, kernel, *, grid, in_specs, out_specs, out_shape, scratch, name):
-  return pl.pallas_call(
-    functools.partial(kernel, st=st),
-    grid=grid,
-    in_specs=in_specs,
-    out_specs=out_specs,
-    out_shape=out_shape,
-    scratch_shapes=[pltpu.VMEM(scratch, jnp.float32)],
-    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-    interpret=st.interpret,
-    name=name,
+def _compiler_params(in_specs, out_specs, operands, out_shape, state, temporaries):
+  """Megacore-parallel batch and heads, sequential chunks; the VMEM limit of these blocks."""
+  blocks = [(_block_shape(s), x.dtype) for s, x in zip(in_specs, operands, strict=True)]
+  blocks += [(_block_shape(s), x.dtype) for s, x in zip(out_specs, out_shape, strict=True)]
+  return pltpu.CompilerParams(
+    dimension_semantics=("parallel", "parallel", "arbitrary"),
+    vmem_limit_bytes=vmem_limit_bytes(blocks, [(state, jnp.float32)], temporaries),
   )
 
 
-def _forward_call(st, q, k, v, g, initial_state):
-  """`[b, h, t, d]` operands, `g` the chunk-local cumulative log decay `[b, h, t, 1 | f]`.
+def _temporaries(st, key_dim, value_dim):
+  """Live float32 values of one grid step: a few [C, C] tiles (scalar decay) or [C, f] row
+  decays (vector), and a few [C, dim] and [key_dim, value_dim] tiles."""
+  chunk = st.chunk
+  big = key_dim * chunk if st.vector else chunk * chunk
+  return 4 * (4 * big + 6 * chunk * max(key_dim, value_dim) + 3 * key_dim * value_dim)
 
-  Returns (out, the state before every chunk `[b, h, n, key_dim, value_dim]`, final state).
+
+def _nbytes(*arrays):
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in arrays)
+
+
+def _cost(st, q, v, *, passes, bytes_accessed):
+  """`passes` [C, d] x [d, d'] state products and [C, C] score products per chunk and head
+  (matmul flops); exponentials of the decays."""
+  batch, heads, seq, key_dim = q.shape
+  value_dim, chunk = v.shape[3], st.chunk
+  state_passes, score_passes = passes
+  flops = batch * heads * seq * 2 * key_dim * value_dim * state_passes
+  flops += batch * heads * seq * chunk * (key_dim + value_dim) * score_passes
+  exps = batch * heads * seq * (chunk * key_dim if st.vector else chunk)
+  return pl.CostEstimate(flops=flops, transcendentals=exps, bytes_accessed=bytes_accessed)
+
+
+def _forward_call(st, q, k, v, g, initial_state, *, save_states):
+  """`[b, h, t, d]` operands, `g` the chunk-local cumulative log decay (see `_specs`).
+
+  Returns (out, the state before every chunk `[b, h, n, key_dim, value_dim]` if
+  `save_states`, final state).
   """
   batch, heads, seq, key_dim = q.shape
   value_dim = v.shape[3]
+  groups = heads // k.shape[1]
   specs = _specs(q, k, v, g, st.chunk, reverse=False)
-  decay_specs = [specs["g_last"]] if st.vector else [specs["g_last"], specs["g_row"]]
-  return _tpu_call(
-    st,
-    _forward_kernel,
+  state_shape = jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)
+  out_shape = [jax.ShapeDtypeStruct((batch, heads, seq, value_dim), jnp.float32)]
+  out_specs = [specs["v_sized"]]
+  if save_states:
+    per_chunk = (batch, heads, seq // st.chunk, key_dim, value_dim)
+    out_shape.append(jax.ShapeDtypeStruct(per_chunk, jnp.float32))
+    out_specs.append(specs["states"])
+  out_shape.append(state_shape)
+  out_specs.append(specs["state"])
+  operands = (q, k, v, g, initial_state)
+  in_specs = [specs["q"], specs["k"], specs["v"], specs["g"], specs["state"]]
+  return pl.pallas_call(
+    functools.partial(_forward_kernel, st=st, save_states=save_states),
     grid=(batch, heads, seq // st.chunk),
-    in_specs=[specs["q"], specs["k"], specs["v"], specs["g"], specs["state"], *decay_specs],
-    out_specs=[specs["v_sized"], specs["states"], specs["state"]],
-    out_shape=[
-      jax.ShapeDtypeStruct((batch, heads, seq, value_dim), jnp.float32),
-      jax.ShapeDtypeStruct((batch, heads, seq // st.chunk, key_dim, value_dim), jnp.float32),
-      jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32),
-    ],
-    scratch=(key_dim, value_dim),
-    name="chunked_linear_fwd",
-  )(q, k, v, g, initial_state, *_decay_operands(g, st.chunk))
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    scratch_shapes=[pltpu.VMEM((key_dim, value_dim), jnp.float32)],
+    compiler_params=_compiler_params(
+      in_specs,
+      out_specs,
+      operands,
+      out_shape,
+      (key_dim, value_dim),
+      _temporaries(st, key_dim, value_dim),
+    ),  # fmt: skip
+    cost_estimate=_cost(
+      st,
+      q,
+      v,
+      passes=(2, 2),
+      bytes_accessed=_nbytes(q, g, initial_state, *out_shape) + groups * _nbytes(k, v),
+    ),  # fmt: skip
+    interpret=st.interpret,
+    name="chunked_linear_fwd_states" if save_states else "chunked_linear_fwd",
+  )(*operands)
 
 
 def _backward_call(st, q, k, v, g, states, d_out, d_final):
   """(dq, dk per query head, dv per query head, dg, d initial_state), all float32."""
   batch, heads, seq, key_dim = q.shape
   value_dim = v.shape[3]
+  groups = heads // k.shape[1]
   specs = _specs(q, k, v, g, st.chunk, reverse=True)
-  decay_specs = [specs["g_last"]] if st.vector else [specs["g_last"], specs["g_row"]]
-  return _tpu_call(
-    st,
-    _backward_kernel,
+  operands = (q, k, v, g, states, d_out, d_final)
+  in_specs = [
+    specs["q"], specs["k"], specs["v"], specs["g"], specs["states"], specs["v_sized"],
+    specs["state"],
+  ]  # fmt: skip
+  out_specs = [specs["q"], specs["q"], specs["v_sized"], specs["g"], specs["state"]]
+  out_shape = [
+    jax.ShapeDtypeStruct(q.shape, jnp.float32),
+    jax.ShapeDtypeStruct(q.shape, jnp.float32),
+    jax.ShapeDtypeStruct((batch, heads, seq, value_dim), jnp.float32),
+    jax.ShapeDtypeStruct(g.shape, jnp.float32),
+    jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32),
+  ]
+  return pl.pallas_call(
+    functools.partial(_backward_kernel, st=st),
     grid=(batch, heads, seq // st.chunk),
-    in_specs=[
-      specs["q"],
-      specs["k"],
-      specs["v"],
-      specs["g"],
-      specs["states"],
-      specs["v_sized"],
-      specs["state"],
-      *decay_specs,
-    ],  # fmt: skip
-    out_specs=[specs["q"], specs["q"], specs["v_sized"], specs["g"], specs["state"]],
-    out_shape=[
-      jax.ShapeDtypeStruct(q.shape, jnp.float32),
-      jax.ShapeDtypeStruct(q.shape, jnp.float32),
-      jax.ShapeDtypeStruct((batch, heads, seq, value_dim), jnp.float32),
-      jax.ShapeDtypeStruct(g.shape, jnp.float32),
-      jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32),
-    ],
-    scratch=(key_dim, value_dim),
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    scratch_shapes=[pltpu.VMEM((key_dim, value_dim), jnp.float32)],
+    compiler_params=_compiler_params(
+      in_specs,
+      out_specs,
+      operands,
+      out_shape,
+      (key_dim, value_dim),
+      _temporaries(st, key_dim, value_dim),
+    ),  # fmt: skip
+    cost_estimate=_cost(
+      st,
+      q,
+      v,
+      passes=(6, 5),
+      bytes_accessed=_nbytes(q, g, states, d_out, d_final, *out_shape) + groups * _nbytes(k, v),
+    ),  # fmt: skip
+    interpret=st.interpret,
     name="chunked_linear_bwd",
-  )(q, k, v, g, states, d_out, d_final, *_decay_operands(g, st.chunk))
+  )(*operands)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +440,9 @@ def linear_attention(
   Returns:
     (`out [batch, seq, heads, value_dim]`, `final_state [batch, heads, key_dim, value_dim]`),
     float32.
+
+  Raises:
+    ValueError: a shape breaks the contract above, or the blocks overflow a TPU's VMEM.
   """
   block_sizes = block_sizes or BlockSizes()
   check_shapes(q, k, v, log_decay, initial_state)
@@ -355,8 +459,11 @@ def linear_attention(
 
   g = jnp.pad(log_decay.astype(jnp.float32), pad)
   g = jnp.cumsum(g.reshape(batch, padded // chunk, chunk, heads, -1), axis=2)
-  g = g.reshape(batch, padded, heads, -1).transpose(0, 2, 1, 3)
-  st = _Static(chunk=chunk, vector=vector, interpret=interpret)
+  if vector:
+    g = g.reshape(batch, padded, heads, -1).transpose(0, 2, 1, 3)
+  else:  # one lane-dense row of G per chunk: [b, h, n, 1, C]
+    g = g.transpose(0, 3, 1, 4, 2)
+  st = _Static(chunk=chunk, vector=vector, mxu_dtype=jnp.dtype(q.dtype), interpret=interpret)
   out, final_state = _chunked(
     st,
     to_kernel_layout(q),
@@ -371,19 +478,26 @@ def linear_attention(
 
 
 # ---------------------------------------------------------------------------------------------
-# custom_vjp wiring.
+# custom_vjp wiring: the primal runs the forward kernel that saves no per-chunk states.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked(st, q, k, v, g, initial_state):
+  out, final_state = _forward_call(st, q, k, v, g, initial_state, save_states=False)
+  return out, final_state
 
 
 def _forward(st, q, k, v, g, initial_state):
-  out, states, final_state = _forward_call(st, q, k, v, g, initial_state)
-  return (out, final_state), (q, k, v, g, initial_state, states)
+  out, states, final_state = _forward_call(st, q, k, v, g, initial_state, save_states=True)
+  return (out, final_state), (q, k, v, g, states)
 
 
 def _backward(st, residuals, cotangents):
-  q, k, v, g, initial_state, states = residuals
+  q, k, v, g, states = residuals
   d_out, d_final = cotangents
+  # The output cotangent feeds the MXU next to q, k, v: in their dtype.
   dq, dk, dv, dg, d_init = _backward_call(
-    st, q, k, v, g, states, d_out.astype(jnp.float32), d_final.astype(jnp.float32)
+    st, q, k, v, g, states, d_out.astype(q.dtype), d_final.astype(jnp.float32)
   )
   kv_heads = k.shape[1]
   return (
@@ -391,8 +505,8 @@ def _backward(st, residuals, cotangents):
     sum_groups(dk, kv_heads).astype(k.dtype),
     sum_groups(dv, kv_heads).astype(v.dtype),
     dg,
-    d_init.astype(initial_state.dtype),
+    d_init,
   )
 
 
-_chunked = common.custom_vjp(_forward, _backward)
+_chunked.defvjp(_forward, _backward)

@@ -34,8 +34,8 @@ def linear_attention(
     chunk = common.next_power_of_two(chunk_size, at_least=triton.MIN_DOT)
     module, block_sizes = gpu, gpu.BlockSizes(chunk=chunk)
   else:
-    # The TPU kernel tiles whole sublanes: round the chunk up to a multiple of them.
-    chunk = -(-chunk_size // tpu.CHUNK_MULTIPLE) * tpu.CHUNK_MULTIPLE
+    # At least tpu.MIN_CHUNK tokens (the MXU's width), in whole sublanes.
+    chunk = -(-max(chunk_size, tpu.MIN_CHUNK) // tpu.CHUNK_MULTIPLE) * tpu.CHUNK_MULTIPLE
     module, block_sizes = tpu, tpu.BlockSizes(chunk=chunk)
   return module.linear_attention(
     q,

@@ -129,7 +129,8 @@ def test_matches_reference_over_shapes(
 
 @pytest.mark.parametrize("kernel, name", [("tpu", "chunked_linear_fwd"), ("gpu", "_fwd_gpu")])
 def test_adapter_rounds_the_chunk_and_runs_the_kernel(kernel, name):
-  """`chunk_size=10` rounds up to a chunk the kernel tiles (16); the traced program is it."""
+  """`chunk_size=10` rounds up to a chunk the kernel tiles (TPU: 128, GPU: 16); the traced
+  program is it."""
   operands = make_inputs(2, seq=23, key_dim=8, value_dim=8)
   run = functools.partial(
     pallas.linear_attention, **operands, causal=True, chunk_size=10, interpret=True, kernel=kernel
