@@ -34,9 +34,12 @@ def _hybrid(seq: int, softmax: str = "ring", linear: str = "lasp2", pattern="sof
 def _train_losses(config) -> list[float]:
   """Losses of `STEPS` train steps of `config` (the loop's own jitted step and batches)."""
   exp = build.experiment(config)
-  mixers = [block.mixer for block in exp.model(exp.abstract_state["params"]).blocks]
+  model = exp.model(exp.abstract_state["params"])
   expected = build.seq_parallel(config, exp.mesh)
-  assert all(mixer.seq_parallel == expected for mixer in mixers)  # split exactly when seq > 1
+  if expected is not None:
+    expected = expected.for_layers(model.layer_names)
+  # Split exactly when seq > 1, in the model's layout.
+  assert all(block.mixer.seq_parallel == expected for block in model.blocks)
   source = exp.data("train")
   step, state, losses = make_train_step(exp), exp.init(), []
   for i in range(STEPS):
@@ -59,6 +62,15 @@ def _unsplit_losses() -> tuple[float, ...]:
 def test_hybrid_losses_on_seq4_match_seq1(softmax, linear):
   split = _train_losses(_hybrid(seq=4, softmax=softmax, linear=linear))
   np.testing.assert_allclose(split, _unsplit_losses(), rtol=1e-4)
+
+
+def test_all_ring_model_trains_in_the_zigzag_layout_as_on_seq1():
+  """Tokens laid out once over data=2 x seq=4, batch split over data and fsdp."""
+  split = _hybrid(seq=4, pattern="softmax")
+  exp = build.experiment(split)
+  assert exp.model(exp.abstract_state["params"]).seq_parallel.layout == "zigzag"
+  unsplit = _train_losses(_hybrid(seq=1, pattern="softmax"))
+  np.testing.assert_allclose(_train_losses(split), unsplit, rtol=1e-4)
 
 
 def test_mixer_options_reach_the_split_ops_values_and_gradients():
