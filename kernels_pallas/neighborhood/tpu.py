@@ -3,11 +3,14 @@
 The sequence is laid out tile-major (`T` consecutive rows form one multi-dimensional spatial
 tile) and a static `TileSchedule` lists, for every query tile, the key tiles it reaches and a
 boolean tile per (query tile, key tile) pair, deduplicated in `mask_table`. The forward kernel
-walks that list with an online softmax (grid `[batch, heads, query tiles, steps]`, the key tile
-of each step chosen by scalar-prefetched indices); the backward pass is two kernels, one over
-the same list for dq and one over the transposed list for dk and dv (GQA heads summed in the
-grid). Joined by `jax.custom_vjp`; `interpret=True` (or `pltpu.InterpretParams()`) runs it on
-CPU. Tile sizes are the schedule's: `T` rows per tile, a multiple of 8 (sublanes) on hardware.
+walks that list with an online softmax (grid `[batch, kv_heads, query tiles, steps]`, the key
+tile of each step chosen by scalar-prefetched indices); each step's K/V block is fetched once
+for the query tiles of all the query heads of its GQA group. The backward pass is two
+kernels, one over the same list for dq (grouped the same way) and one over the transposed
+list for dk and dv (GQA heads summed in the grid, key-major tiles). Joined by
+`jax.custom_vjp`; `interpret=True` (or `pltpu.InterpretParams()`) runs it on CPU. Tile sizes
+are the schedule's: `T` rows per tile, a multiple of 8 (sublanes) on hardware. Every call sets
+its VMEM limit from its blocks and its cost estimate from the schedule.
 
 The schedule is computed by `attnjax.ops.neighborhood.window.tile_plan`, and the kernel must
 equal `attnjax.ops.neighborhood.reference.attention` on the same windows.
@@ -17,15 +20,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import common
-from kernels_pallas.neighborhood.common import NN, NT, TN, TileSchedule, check_call
+from kernels_pallas.chunked_linear.common import vmem_limit_bytes
+from kernels_pallas.neighborhood.common import NN, NT, TileSchedule, check_call
+
+LANES = 128  # m and l scratch rows are lane-replicated: [T, 128], not [T, 1] columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,22 +46,34 @@ class _Static:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel bodies.
+# Kernel bodies. The forward and dq kernels hold the query tiles of a kv head's whole GQA group
+# (refs `[groups, T, dim]`) against one K/V block, and loop over the group's heads.
 
 
 def _allowed(mask):
-  """int8 mask tile `[Tq, Tk]` -> bool. Widened to int32 first: v4's Mosaic cannot compare
-  8-bit vectors; the int32 copy of a 128 x 128 tile is 64 KiB of VMEM, under 0.5% of any
+  """int8 mask tile -> bool. Widened to int32 first: v4's Mosaic cannot compare 8-bit
+  vectors; the int32 copy of a 128 x 128 tile is 64 KiB of VMEM, under 0.5% of any
   generation's."""
   return mask.astype(jnp.int32) != 0
 
 
-def _probs(st: _Static, q, k, mask, lse):
-  """Recomputed probabilities `[Tq, Tk]` of one tile pair from the saved log-sum-exp."""
-  logits = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * st.scale
-  allowed = _allowed(mask)
+def _probs(st: _Static, a, b, allowed, lse):
+  """Recomputed probabilities of one tile pair from the saved log-sum-exp: `a` the query tile
+  and `lse` a column `[Tq, 1]` (query-major `[Tq, Tk]`), or `a` the key tile and `lse` a row
+  `[1, Tq]` (key-major `[Tk, Tq]`)."""
+  logits = lax.dot_general(a, b, NT, preferred_element_type=jnp.float32) * st.scale
   safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
   return jnp.where(allowed, jnp.exp(jnp.where(allowed, logits, 0.0) - safe_lse), 0.0)
+
+
+def _over_group(groups, head_step):
+  """Runs `head_step(g)` for the query heads g = 0 .. groups - 1 of one GQA group."""
+
+  def step(g, carry):
+    head_step(g)
+    return carry
+
+  lax.fori_loop(0, groups, step, 0)
 
 
 def _forward_kernel(
@@ -62,6 +82,7 @@ def _forward_kernel(
 ):  # fmt: skip
   del kv_ref, ids_ref  # used by the index maps
   i, s = pl.program_id(2), pl.program_id(3)
+  groups, tile = q_ref.shape[:2]
 
   @pl.when(s == 0)
   def _init():
@@ -72,26 +93,33 @@ def _forward_kernel(
   @pl.when(s < counts_ref[i])
   def _step():
     allowed = _allowed(mask_ref[...])
-    logits = lax.dot_general(q_ref[...], k_ref[...], NT, preferred_element_type=jnp.float32)
-    logits = jnp.where(allowed, logits * st.scale, -jnp.inf)
-    m_prev = m_sc[...]
-    m_new = jnp.maximum(m_prev, logits.max(-1, keepdims=True))
-    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    probs = jnp.where(allowed, jnp.exp(logits - shift), 0.0)
-    alpha = jnp.exp(m_prev - shift)
-    l_sc[...] = alpha * l_sc[...] + probs.sum(-1, keepdims=True)
-    pv = lax.dot_general(
-      probs.astype(v_ref.dtype), v_ref[...], NN, preferred_element_type=jnp.float32
-    )
-    acc_sc[...] = alpha * acc_sc[...] + pv
-    m_sc[...] = m_new
+    k, v = k_ref[...], v_ref[...]
+
+    def head_step(g):
+      logits = lax.dot_general(q_ref[g], k, NT, preferred_element_type=jnp.float32)
+      logits = jnp.where(allowed, logits * st.scale, -jnp.inf)
+      m_prev = m_sc[g][:, :1]
+      m_new = jnp.maximum(m_prev, logits.max(-1, keepdims=True))
+      shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      probs = jnp.where(allowed, jnp.exp(logits - shift), 0.0)
+      alpha = jnp.exp(m_prev - shift)
+      l_new = alpha * l_sc[g][:, :1] + probs.sum(-1, keepdims=True)
+      l_sc[g] = jnp.broadcast_to(l_new, (tile, LANES))
+      pv = lax.dot_general(probs.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
+      acc_sc[g] = alpha * acc_sc[g] + pv
+      m_sc[g] = jnp.broadcast_to(m_new, (tile, LANES))
+
+    _over_group(groups, head_step)
 
   @pl.when(s == pl.num_programs(3) - 1)
   def _finish():
-    denom = l_sc[...]
-    safe_denom = jnp.where(denom > 0, denom, 1.0)
-    o_ref[...] = (acc_sc[...] / safe_denom).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(denom > 0, m_sc[...] + jnp.log(safe_denom), -jnp.inf)
+    def head_finish(g):
+      denom = l_sc[g][:, :1]
+      safe_denom = jnp.where(denom > 0, denom, 1.0)
+      o_ref[g] = (acc_sc[g] / safe_denom).astype(o_ref.dtype)
+      lse_ref[g] = jnp.where(denom > 0, m_sc[g][:, :1] + jnp.log(safe_denom), -jnp.inf)
+
+    _over_group(groups, head_finish)
 
 
 def _dq_kernel(
@@ -107,12 +135,18 @@ def _dq_kernel(
 
   @pl.when(s < counts_ref[i])
   def _step():
-    probs = _probs(st, q_ref[...], k_ref[...], mask_ref[...], lse_ref[...])
-    d_probs = lax.dot_general(do_ref[...], v_ref[...], NT, preferred_element_type=jnp.float32)
-    d_logits = probs * (d_probs - delta_ref[...])
-    dq_sc[...] += st.scale * lax.dot_general(
-      d_logits.astype(k_ref.dtype), k_ref[...], NN, preferred_element_type=jnp.float32
-    )
+    allowed = _allowed(mask_ref[...])
+    k, v = k_ref[...], v_ref[...]
+
+    def head_step(g):
+      probs = _probs(st, q_ref[g], k, allowed, lse_ref[g])
+      d_probs = lax.dot_general(do_ref[g], v, NT, preferred_element_type=jnp.float32)
+      d_logits = probs * (d_probs - delta_ref[g])
+      dq_sc[g] += st.scale * lax.dot_general(
+        d_logits.astype(k.dtype), k, NN, preferred_element_type=jnp.float32
+      )
+
+    _over_group(q_ref.shape[0], head_step)
 
   @pl.when(s == pl.num_programs(3) - 1)
   def _finish():
@@ -133,16 +167,17 @@ def _dkv_kernel(
 
   @pl.when(s < counts_ref[j])
   def _step():
-    # Query-major [Tq, Tk] tiles, so lse and delta stay columns; the key side contracts dim 0.
-    probs = _probs(st, q_ref[...], k_ref[...], mask_ref[...], lse_ref[...])
-    d_out = do_ref[...]
+    # Key-major [Tk, Tq] tiles (transposed masks): lse and delta arrive as lane-dense rows and
+    # both updates are plain [Tk, Tq] x [Tq, dim] matmuls.
+    q, d_out = q_ref[...], do_ref[...]
+    probs = _probs(st, k_ref[...], q, _allowed(mask_ref[...]), lse_ref[...])
     dv_sc[...] += lax.dot_general(
-      probs.astype(d_out.dtype), d_out, TN, preferred_element_type=jnp.float32
+      probs.astype(d_out.dtype), d_out, NN, preferred_element_type=jnp.float32
     )
-    d_probs = lax.dot_general(d_out, v_ref[...], NT, preferred_element_type=jnp.float32)
+    d_probs = lax.dot_general(v_ref[...], d_out, NT, preferred_element_type=jnp.float32)
     d_logits = probs * (d_probs - delta_ref[...])
     dk_sc[...] += st.scale * lax.dot_general(
-      d_logits.astype(q_ref.dtype), q_ref[...], TN, preferred_element_type=jnp.float32
+      d_logits.astype(q.dtype), q, NN, preferred_element_type=jnp.float32
     )
 
   @pl.when((g == pl.num_programs(3) - 1) & (s == pl.num_programs(4) - 1))
@@ -155,44 +190,57 @@ def _dkv_kernel(
 # pallas_call wiring.
 
 
-def _compiler_params(*semantics):
-  return pltpu.CompilerParams(dimension_semantics=semantics)
-
-
 def _tables(schedule: TileSchedule, transposed: bool):
-  """(Scalar-prefetched tile lists, int8 mask tiles `[num_masks, T, T]`).
+  """(Scalar-prefetched tile lists, int8 mask tiles `[num_masks, T, T]`, query x key or, for
+  the transposed lists, key x query).
 
   The lists are flat (1-D arrays pad least in SMEM); int8 masks move a quarter of the bytes of
   int32 per tile.
   """
   if transposed:
     lists = (schedule.q_tiles, schedule.q_counts, schedule.mask_ids_t)
+    masks = np.swapaxes(schedule.mask_table, 1, 2)
   else:
     lists = (schedule.kv_tiles, schedule.kv_counts, schedule.mask_ids)
+    masks = schedule.mask_table
   prefetch = [jnp.asarray(x, jnp.int32).reshape(-1) for x in lists]
-  return prefetch, jnp.asarray(schedule.mask_table, jnp.int8)
+  return prefetch, jnp.asarray(masks, jnp.int8)
 
 
-def _specs_over_kv_lists(st: _Static, q, k, v):
-  """Grid `[batch, heads, query tiles, steps]` walking each query tile's key tiles.
+def _by_group(x, kv_heads):
+  """`[batch, heads, N, dim]` -> `[batch, kv_heads, groups, N, dim]` (a free reshape)."""
+  batch, heads, n, dim = x.shape
+  return x.reshape(batch, kv_heads, heads // kv_heads, n, dim)
 
-  Returns (grid, `q_rows(width)`: the `[T, width]` block of the query tile, [k, v, mask] blocks
-  of the step).
+
+def _by_head(x):
+  batch, kv_heads, groups, n, dim = x.shape
+  return x.reshape(batch, kv_heads * groups, n, dim)
+
+
+def _as_rows(column, tile):
+  """`[batch, heads, N, 1]` -> `[batch, heads, N / T, 1, T]`: one lane-dense row per tile."""
+  batch, heads, n, _ = column.shape
+  return column.reshape(batch, heads, n // tile, 1, tile)
+
+
+def _specs_over_kv_lists(st: _Static, groups, head_dim, value_dim):
+  """Grid `[batch, kv_heads, query tiles, steps]` walking each query tile's key tiles.
+
+  Returns (`group_rows(width)`: the `[groups, T, width]` block of the query tile's GQA group,
+  [k, v, mask] blocks of the step).
   """
-  batch, heads, _, head_dim = q.shape
-  groups, value_dim = heads // k.shape[1], v.shape[3]
   tile, steps = st.schedule.tile_size, st.schedule.kv_tiles.shape[1]
 
   def kv_map(b, h, i, s, kv, counts, ids):
-    # lax.div, not //: jnp floor division lowers via `sign`, which asks for the TPU generation.
-    return b, lax.div(h, groups), kv[i * steps + s], 0
+    return b, h, kv[i * steps + s], 0
 
   def mask_map(b, h, i, s, kv, counts, ids):
     return ids[i * steps + s], 0, 0
 
-  def q_rows(width):
+  def group_rows(width):
     return pl.BlockSpec(
-      (pl.Squeezed(), pl.Squeezed(), tile, width), lambda b, h, i, *_: (b, h, i, 0)
+      (pl.Squeezed(), pl.Squeezed(), groups, tile, width), lambda b, h, i, *_: (b, h, 0, i, 0)
     )
 
   step_specs = [
@@ -200,59 +248,149 @@ def _specs_over_kv_lists(st: _Static, q, k, v):
     pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, value_dim), kv_map),
     pl.BlockSpec((pl.Squeezed(), tile, tile), mask_map),
   ]
-  return (batch, heads, st.schedule.num_tiles, steps), q_rows, step_specs
+  return group_rows, step_specs
+
+
+def _block_shape(spec):
+  return tuple(d for d in spec.block_shape if isinstance(d, int))
+
+
+def _compiler_params(semantics, specs, arrays, scratch, tile, width):
+  """`dimension_semantics` and the VMEM limit of these blocks (double-buffered) and scratch,
+  with a few live [T, T] and [T, width] float32 values."""
+  blocks = [(_block_shape(spec), x.dtype) for spec, x in zip(specs, arrays, strict=True)]
+  temporaries = 4 * (6 * tile * tile + 4 * tile * width)
+  return pltpu.CompilerParams(
+    dimension_semantics=semantics,
+    vmem_limit_bytes=vmem_limit_bytes(blocks, scratch, temporaries),
+  )
+
+
+def _nbytes(*arrays):
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in arrays)
+
+
+def _cost(st: _Static, q, *, transposed, contracted, step_bytes, call_bytes):
+  """Cost of one call: per real step and query head, [T, T] matmuls contracting `contracted`
+  dims in all and T * T exponentials; `step_bytes` fetched per real step, `call_bytes` once."""
+  batch, heads = q.shape[:2]
+  counts = st.schedule.q_counts if transposed else st.schedule.kv_counts
+  head_steps = int(counts.sum()) * batch * heads
+  tile = st.schedule.tile_size
+  return pl.CostEstimate(
+    flops=head_steps * 2 * tile * tile * contracted,
+    transcendentals=head_steps * tile * tile,
+    bytes_accessed=call_bytes + int(counts.sum()) * batch * step_bytes,
+  )
+
+
+def _kv_step_bytes(st: _Static, k, v, kv_heads):
+  """K, V and mask tiles of one step, fetched once per kv head (shared by its GQA group)."""
+  tile = st.schedule.tile_size
+  return kv_heads * tile * (k.shape[3] * k.dtype.itemsize + v.shape[3] * v.dtype.itemsize + tile)
 
 
 def _forward_call(st: _Static, q, k, v):
-  batch, heads, n, head_dim = q.shape
-  value_dim = v.shape[3]
+  batch, kv_heads, n, head_dim = k.shape
+  groups, value_dim = q.shape[1] // kv_heads, v.shape[3]
   tile = st.schedule.tile_size
-  grid, q_rows, step_specs = _specs_over_kv_lists(st, q, k, v)
+  group_rows, step_specs = _specs_over_kv_lists(st, groups, head_dim, value_dim)
   prefetch, mask_table = _tables(st.schedule, transposed=False)
-  return pl.pallas_call(
+  out_shape = [
+    jax.ShapeDtypeStruct((batch, kv_heads, groups, n, value_dim), q.dtype),
+    jax.ShapeDtypeStruct((batch, kv_heads, groups, n, 1), jnp.float32),
+  ]
+  in_specs = [group_rows(head_dim), *step_specs]
+  # lse stays a column: written once per query tile, never per step.
+  out_specs = [group_rows(value_dim), group_rows(1)]
+  scratch = [((groups, tile, LANES), jnp.float32)] * 2 + [((groups, tile, value_dim), jnp.float32)]
+  operands = (_by_group(q, kv_heads), k, v, mask_table)
+  out, lse = pl.pallas_call(
     functools.partial(_forward_kernel, st=st),
     grid_spec=pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3,
-      grid=grid,
-      in_specs=[q_rows(head_dim), *step_specs],
-      out_specs=[q_rows(value_dim), q_rows(1)],
-      scratch_shapes=[
-        pltpu.VMEM((tile, 1), jnp.float32),
-        pltpu.VMEM((tile, 1), jnp.float32),
-        pltpu.VMEM((tile, value_dim), jnp.float32),
-      ],
+      grid=(batch, kv_heads, st.schedule.num_tiles, st.schedule.kv_tiles.shape[1]),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM(shape, dtype) for shape, dtype in scratch],
     ),
-    out_shape=[
-      jax.ShapeDtypeStruct((batch, heads, n, value_dim), q.dtype),
-      jax.ShapeDtypeStruct((batch, heads, n, 1), jnp.float32),
-    ],
-    compiler_params=_compiler_params("parallel", "parallel", "parallel", "arbitrary"),
+    out_shape=out_shape,
+    compiler_params=_compiler_params(
+      ("parallel", "parallel", "parallel", "arbitrary"),
+      in_specs + out_specs,
+      [*operands, *out_shape],
+      scratch,
+      tile,
+      max(head_dim, value_dim),
+    ),  # fmt: skip
+    cost_estimate=_cost(
+      st,
+      q,
+      transposed=False,
+      contracted=head_dim + value_dim,
+      step_bytes=_kv_step_bytes(st, k, v, kv_heads),
+      call_bytes=_nbytes(q, *out_shape),
+    ),  # fmt: skip
     interpret=st.interpret,
-  )(*prefetch, q, k, v, mask_table)
+    name="neighborhood_fwd",
+  )(*prefetch, *operands)
+  return _by_head(out), _by_head(lse)
 
 
 def _dq_call(st: _Static, q, k, v, d_out, lse, delta):
-  head_dim, value_dim = q.shape[3], v.shape[3]
-  grid, q_rows, step_specs = _specs_over_kv_lists(st, q, k, v)
+  batch, kv_heads, n, head_dim = k.shape
+  groups, value_dim = q.shape[1] // kv_heads, v.shape[3]
+  tile = st.schedule.tile_size
+  group_rows, step_specs = _specs_over_kv_lists(st, groups, head_dim, value_dim)
   prefetch, mask_table = _tables(st.schedule, transposed=False)
-  return pl.pallas_call(
+  out_shape = jax.ShapeDtypeStruct((batch, kv_heads, groups, n, head_dim), jnp.float32)
+  # lse and delta columns are fetched once per query tile (their block is the same every step).
+  in_specs = [
+    group_rows(head_dim),
+    *step_specs,
+    group_rows(value_dim),
+    group_rows(1),
+    group_rows(1),
+  ]
+  scratch = [((groups, tile, head_dim), jnp.float32)]
+  operands = (
+    _by_group(q, kv_heads), k, v, mask_table, *(_by_group(x, kv_heads) for x in (d_out, lse, delta))
+  )  # fmt: skip
+  d_q = pl.pallas_call(
     functools.partial(_dq_kernel, st=st),
     grid_spec=pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3,
-      grid=grid,
-      in_specs=[q_rows(head_dim), *step_specs, q_rows(value_dim), q_rows(1), q_rows(1)],
-      out_specs=q_rows(head_dim),
-      scratch_shapes=[pltpu.VMEM((st.schedule.tile_size, head_dim), jnp.float32)],
+      grid=(batch, kv_heads, st.schedule.num_tiles, st.schedule.kv_tiles.shape[1]),
+      in_specs=in_specs,
+      out_specs=group_rows(head_dim),
+      scratch_shapes=[pltpu.VMEM(shape, dtype) for shape, dtype in scratch],
     ),
-    out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32),
-    compiler_params=_compiler_params("parallel", "parallel", "parallel", "arbitrary"),
+    out_shape=out_shape,
+    compiler_params=_compiler_params(
+      ("parallel", "parallel", "parallel", "arbitrary"),
+      [*in_specs, group_rows(head_dim)],
+      [*operands, out_shape],
+      scratch,
+      tile,
+      max(head_dim, value_dim),
+    ),  # fmt: skip
+    cost_estimate=_cost(
+      st,
+      q,
+      transposed=False,
+      contracted=2 * head_dim + value_dim,
+      step_bytes=_kv_step_bytes(st, k, v, kv_heads),
+      call_bytes=_nbytes(q, d_out, lse, delta, out_shape),
+    ),  # fmt: skip
     interpret=st.interpret,
-  )(*prefetch, q, k, v, mask_table, d_out, lse, delta)
+    name="neighborhood_dq",
+  )(*prefetch, *operands)
+  return _by_head(d_q)
 
 
 def _dkv_call(st: _Static, q, k, v, d_out, lse, delta):
   """Grid `[batch, kv_heads, key tiles, groups, steps]`: each key tile walks the query tiles of
-  each query head of its GQA group."""
+  each query head of its GQA group; its K/V blocks stay put over the group and the steps."""
   batch, kv_heads, n, head_dim = k.shape
   groups, value_dim = q.shape[1] // kv_heads, v.shape[3]
   tile, steps = st.schedule.tile_size, st.schedule.q_tiles.shape[1]
@@ -263,41 +401,61 @@ def _dkv_call(st: _Static, q, k, v, d_out, lse, delta):
   def q_map(b, h, j, g, s, qt, counts, ids):
     return b, h * groups + g, qt[j * steps + s], 0
 
+  def row_map(b, h, j, g, s, qt, counts, ids):
+    return b, h * groups + g, qt[j * steps + s], 0, 0
+
   def mask_map(b, h, j, g, s, qt, counts, ids):
     return ids[j * steps + s], 0, 0
 
-  rows = functools.partial(pl.BlockSpec, index_map=q_map)
+  def key_rows(width):
+    return pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, width), kv_map)
+
+  def query_rows(width):
+    return pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, width), q_map)
+
+  lse_row = pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), pl.Squeezed(), 1, tile), row_map)
   prefetch, mask_table = _tables(st.schedule, transposed=True)
+  in_specs = [
+    query_rows(head_dim), key_rows(head_dim), key_rows(value_dim),
+    pl.BlockSpec((pl.Squeezed(), tile, tile), mask_map), query_rows(value_dim), lse_row, lse_row,
+  ]  # fmt: skip
+  out_specs = [key_rows(head_dim), key_rows(value_dim)]
+  out_shape = [
+    jax.ShapeDtypeStruct((batch, kv_heads, n, head_dim), jnp.float32),
+    jax.ShapeDtypeStruct((batch, kv_heads, n, value_dim), jnp.float32),
+  ]
+  scratch = [((tile, head_dim), jnp.float32), ((tile, value_dim), jnp.float32)]
+  operands = (q, k, v, mask_table, d_out, _as_rows(lse, tile), _as_rows(delta, tile))
+  itemsize = q.dtype.itemsize
   return pl.pallas_call(
     functools.partial(_dkv_kernel, st=st),
     grid_spec=pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3,
       grid=(batch, kv_heads, st.schedule.num_tiles, groups, steps),
-      in_specs=[
-        rows((pl.Squeezed(), pl.Squeezed(), tile, head_dim)),
-        pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, head_dim), kv_map),
-        pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, value_dim), kv_map),
-        pl.BlockSpec((pl.Squeezed(), tile, tile), mask_map),
-        rows((pl.Squeezed(), pl.Squeezed(), tile, value_dim)),
-        rows((pl.Squeezed(), pl.Squeezed(), tile, 1)),
-        rows((pl.Squeezed(), pl.Squeezed(), tile, 1)),
-      ],
-      out_specs=[
-        pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, head_dim), kv_map),
-        pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), tile, value_dim), kv_map),
-      ],
-      scratch_shapes=[
-        pltpu.VMEM((tile, head_dim), jnp.float32),
-        pltpu.VMEM((tile, value_dim), jnp.float32),
-      ],
+      in_specs=in_specs,
+      out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM(shape, dtype) for shape, dtype in scratch],
     ),
-    out_shape=[
-      jax.ShapeDtypeStruct((batch, kv_heads, n, head_dim), jnp.float32),
-      jax.ShapeDtypeStruct((batch, kv_heads, n, value_dim), jnp.float32),
-    ],
-    compiler_params=_compiler_params("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
+    out_shape=out_shape,
+    compiler_params=_compiler_params(
+      ("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
+      in_specs + out_specs,
+      [*operands, *out_shape],
+      scratch,
+      tile,
+      max(head_dim, value_dim),
+    ),  # fmt: skip
+    cost_estimate=_cost(
+      st,
+      q,
+      transposed=True,
+      contracted=2 * (head_dim + value_dim),
+      step_bytes=q.shape[1] * tile * ((head_dim + value_dim) * itemsize + 8 + tile),
+      call_bytes=_nbytes(k, v, *out_shape),
+    ),  # fmt: skip
     interpret=st.interpret,
-  )(*prefetch, q, k, v, mask_table, d_out, lse, delta)
+    name="neighborhood_dkv",
+  )(*prefetch, *operands)
 
 
 # ---------------------------------------------------------------------------------------------

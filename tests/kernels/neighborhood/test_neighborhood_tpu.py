@@ -1,4 +1,5 @@
-"""The Mosaic TPU neighborhood kernel: the TPU interpreter, TPU lowering, its tile rule."""
+"""The Mosaic TPU neighborhood kernel: the TPU interpreter, TPU lowering, its tile rule, its GQA
+block sharing, lane-dense hot loop, VMEM limits and cost estimates."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from attnjax.ops.neighborhood import BlockSizes, reference, window
 from attnjax.ops.neighborhood.pallas import fused_attention
+from kernels_pallas.chunked_linear.common import smallest_tpu_vmem_bytes
 from tests.helpers import assert_close, random_normal
 
 WINDOWS_2D = (window.Neighborhood(5), window.Neighborhood(3, dilation=2, is_causal=True))
@@ -65,3 +67,76 @@ def test_kernel_tiles_keep_rows_a_multiple_of_8():
   assert BlockSizes((4, 4, 8)).fit((5, 3, 7), last_multiple=8) == (4, 3, 8)
   assert BlockSizes((128,)).fit((37,), last_multiple=8) == (40,)
   assert BlockSizes((8, 8)).fit((5, 3)) == (5, 3)
+
+
+def kernel_shapes(spatial=(16, 24), heads=4, kv_heads=2, head_dim=64, dtype=jnp.float32):
+  """ShapeDtypeStructs of (q, k, v) for `fused_attention`."""
+  q = jax.ShapeDtypeStruct((1, *spatial, heads, head_dim), dtype)
+  kv = jax.ShapeDtypeStruct((1, *spatial, kv_heads, head_dim), dtype)
+  return q, kv, kv
+
+
+def gradient_of(fn):
+  def loss(q, k, v):
+    return fn(q, k, v).astype(jnp.float32).sum()
+
+  return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def pallas_calls(fn, *args):
+  """name -> the `pallas_call` equation of `fn`'s jaxpr (nested jaxprs included)."""
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        yield eqn
+      for param in eqn.params.values():
+        inner = getattr(param, "jaxpr", None)
+        if inner is not None:
+          yield from walk(getattr(inner, "jaxpr", inner))
+
+  return {eqn.params["name"]: eqn for eqn in walk(jax.make_jaxpr(fn)(*args).jaxpr)}
+
+
+def block_shapes(eqn):
+  return [
+    tuple(getattr(d, "block_size", None) for d in block.block_shape)
+    for block in eqn.params["grid_mapping"].block_mappings
+  ]
+
+
+def test_a_gqa_group_shares_each_kv_block():
+  """Forward and dq grids run over kv heads; their query blocks hold the whole group."""
+  run = functools.partial(fused_attention, windows=WINDOWS_2D, scale=0.3, interpret=True)
+  calls = pallas_calls(gradient_of(run), *kernel_shapes(heads=6, kv_heads=2))
+  assert set(calls) == {"neighborhood_fwd", "neighborhood_dq", "neighborhood_dkv"}
+  for name in ("neighborhood_fwd", "neighborhood_dq"):
+    grid = calls[name].params["grid_mapping"].grid
+    q_block = block_shapes(calls[name])[0]
+    assert grid[1] == 2 and q_block[2] == 3, name  # 2 kv heads, 3 query heads per block
+
+
+def test_the_dkv_hot_loop_moves_no_lane_width_1_blocks():
+  """lse and delta reach the per-step dk/dv kernel as `[1, T]` rows."""
+  run = functools.partial(fused_attention, windows=WINDOWS_2D, scale=0.3, interpret=True)
+  dkv = pallas_calls(gradient_of(run), *kernel_shapes())["neighborhood_dkv"]
+  assert all(shape[-1] != 1 for shape in block_shapes(dkv))
+
+
+def test_every_call_sets_its_vmem_limit_and_cost():
+  run = functools.partial(fused_attention, windows=WINDOWS_2D, scale=0.3, interpret=True)
+  for name, call in pallas_calls(gradient_of(run), *kernel_shapes()).items():
+    limit = call.params["compiler_params"].vmem_limit_bytes
+    assert 0 < limit <= smallest_tpu_vmem_bytes(), name
+    cost = call.params["cost_estimate"]
+    assert cost.flops > 0 and cost.transcendentals > 0 and cost.bytes_accessed > 0, name
+
+
+def test_blocks_over_the_smallest_vmem_raise():
+  windows = (window.Neighborhood(3),)
+  run = functools.partial(
+    fused_attention, windows=windows, scale=0.1, block_sizes=BlockSizes((1024,)), interpret=True
+  )
+  shapes = kernel_shapes(spatial=(1024,), heads=8, kv_heads=1, head_dim=256)
+  with pytest.raises(ValueError, match="vmem_limit_bytes=.* exceeds the 16777216 bytes"):
+    jax.eval_shape(run, *shapes)
