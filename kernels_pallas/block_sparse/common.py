@@ -206,9 +206,10 @@ def backward(dq_call, dkv_call, st, residuals, cotangents):
   """
   info, q, k, v, sinks, q_seg, kv_seg, out, lse = residuals
   d_out, d_lse = cotangents
-  d_out = d_out.astype(jnp.float32)
+  d_out = d_out.astype(out.dtype)  # the kernels' matmul operands stay in the input dtype
   # FA-2: dS = P (dP - delta), delta = rowsum(dO * O); an lse cotangent contributes P * dlse.
-  delta = (d_out * out.astype(jnp.float32)).sum(-1).reshape(lse.shape) - d_lse
+  delta = (d_out.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1).reshape(lse.shape)
+  delta = delta - d_lse
   dq = dq_call(st, info, q, k, v, d_out, lse, delta, q_seg, kv_seg)
   dk, dv = dkv_call(st, info, q, k, v, d_out, lse, delta, q_seg, kv_seg)
   d_sinks = sinks_gradient(sinks, lse, delta, 1) if st.has_sinks else jnp.zeros_like(sinks)

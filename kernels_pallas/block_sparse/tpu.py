@@ -1,16 +1,22 @@
 """Block-sparse flash attention for TPU (Pallas Mosaic): forward, dq and dk/dv kernels.
 
 Equals `attnjax.ops.softmax.reference.attention` (the float32 oracle) on the mask that the
-`MaskInfo` encodes. Per query block, the forward grid walks only the kv blocks listed for it
-(scalar-prefetched into SMEM, so the pipeline fetches exactly those K/V tiles); FULL tiles run
-without any mask arithmetic, PARTIAL tiles apply their deduplicated int8 tile, EMPTY tiles are
-never fetched or computed (grid steps past a row's count do nothing and, since the padded ids
-repeat the last one, copy nothing). The online softmax (FlashAttention-2, Dao 2023) keeps its
-running max / sum in VMEM scratch replicated over the 128 lanes.
+`MaskInfo` encodes. Per query block, the forward grid walks only the kv blocks listed for it;
+FULL tiles run without any mask arithmetic, PARTIAL tiles apply their deduplicated int8 tile,
+EMPTY tiles are never fetched or computed (grid steps past a row's count do nothing and, since
+the padded ids repeat the last one, copy nothing). The online softmax (FlashAttention-2, Dao
+2023) keeps its running max / sum in VMEM scratch replicated over the 128 lanes.
 
 Backward recomputes probabilities from the saved log-sum-exp: the dq kernel walks the forward
 lists; the dk/dv kernel walks the transposed lists (per kv block, the query blocks that see
 it) and loops over the query heads of a GQA group in the grid, so K/V are never repeated.
+Matmul operands stay in the input dtype (bf16 on the MXU), accumulating in float32.
+
+Each kernel reads one scalar-prefetched step table (`StepTable`): per grid step one int32
+packing the step's kind, its block and the mask tile to have in VMEM. That tile is carried
+forward over FULL / EMPTY steps, so a partial tile is fetched only when the next partial step
+needs another one. The tables must fit SMEM (1 MiB on every generation): a call whose table
+does not is split into calls over consecutive row ranges, each table under `TABLE_SMEM_BYTES`.
 
 Layout inside: `[batch, heads, seq, dim]` (the wrapper transposes), lse / delta as
 `[batch, heads, seq, 1]` columns, query segment ids `[batch, seq, 1]`, kv ids `[batch, 1, seq]`.
@@ -19,7 +25,10 @@ Mosaic kernels are not auto-partitioned: inside `shard_map` they run on each sha
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +49,11 @@ from kernels_pallas.block_sparse.common import (
 )
 
 LANES = 128
+SMEM_BYTES = 1 << 20  # every generation, v4 to TPU7x
+# A call's step table may take this much; the rest is left for sinks and Mosaic's own scalars.
+TABLE_SMEM_BYTES = 3 * SMEM_BYTES // 4
+MIN_VMEM_BYTES = 16 << 20  # v4's, the smallest VMEM of v4 to TPU7x
+KIND_BITS = 2  # EMPTY, PARTIAL, FULL
 
 
 def check_block_sizes(block_sizes: BlockSizes, q_len_padded: int, kv_len_padded: int) -> None:
@@ -60,8 +74,138 @@ def check_block_sizes(block_sizes: BlockSizes, q_len_padded: int, kv_len_padded:
     )
 
 
-# The static settings of a call: `common.Static` (shared with the GPU kernels).
-_Static = Static
+# ---------------------------------------------------------------------------------------------
+# Step tables: what each grid step does, one int32 in SMEM.
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTable:
+  """Static shape of one call's step table, a flat int32 array in grid order.
+
+  The table is `[outer, rows, inner, steps]` flattened: `outer` is the mask head (forward, dq)
+  or kv head (dk/dv), `inner` the query head within a GQA group (dk/dv with per-head masks),
+  `rows` the call's query blocks (forward, dq) or kv blocks (dk/dv) from `row_start`, `steps`
+  the listed blocks per row. Entry = kind | block << 2 | tile << (2 + block_bits).
+  `computed`: its FULL and PARTIAL steps (all steps when the table is traced).
+  """
+
+  outer: int
+  row_start: int
+  rows: int
+  inner: int
+  steps: int
+  block_bits: int
+  computed: int
+
+  @property
+  def smem_bytes(self) -> int:
+    return 4 * self.outer * self.rows * self.inner * self.steps
+
+  def entry(self, table_ref, outer, row, inner, step):
+    """The packed entry of a grid step (`row` counted from `row_start`)."""
+    return table_ref[((outer * self.rows + row) * self.inner + inner) * self.steps + step]
+
+  def kind(self, entry):
+    return entry & ((1 << KIND_BITS) - 1)
+
+  def block(self, entry):
+    return jax.lax.shift_right_logical(entry, KIND_BITS) & ((1 << self.block_bits) - 1)
+
+  def tile(self, entry):
+    return jax.lax.shift_right_logical(entry, KIND_BITS + self.block_bits)
+
+
+def _block_bits(num_blocks: int, num_tiles: int) -> int:
+  """Bits for a block id; raises ValueError when block and tile ids do not fit one int32."""
+  bits = max(1, (num_blocks - 1).bit_length())
+  tile_bits = 31 - KIND_BITS - bits
+  if num_tiles > 1 << tile_bits:
+    raise ValueError(
+      f"{num_tiles} distinct partial mask tiles over {num_blocks} blocks do not fit the "
+      f"kernel's int32 step entries (at most {1 << tile_bits} tiles); use larger blocks"
+    )
+  return bits
+
+
+def _is_traced(*arrays) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in arrays)
+
+
+def _pack(start, rows, inner, steps, block_bits, kinds, blocks, tile_ids):
+  """Layout and flat int32 table from `[outer, rows, inner, steps]` kinds, block ids and partial
+  tile ids (numpy when they are concrete, so a concrete mask costs no device work).
+
+  Non-partial steps name the last partial tile before them in grid order (the first one of
+  the table before any), so the tile's block index changes only where a new tile is needed.
+  """
+  xp, running_max = (jnp, jax.lax.cummax) if _is_traced(kinds) else (np, np.maximum.accumulate)
+  outer = kinds.shape[0]
+  kinds, blocks, tile_ids = (xp.asarray(x, xp.int32).reshape(-1) for x in (kinds, blocks, tile_ids))
+  is_partial = kinds == PARTIAL
+  position = xp.arange(kinds.size, dtype=xp.int32)
+  last_partial = running_max(xp.where(is_partial, position, -1))
+  last_partial = xp.where(last_partial < 0, xp.argmax(is_partial), last_partial)
+  table = kinds | (blocks << KIND_BITS) | (tile_ids[last_partial] << (KIND_BITS + block_bits))
+  computed = kinds.size if xp is jnp else int((kinds != 0).sum())
+  return StepTable(outer, start, rows, inner, steps, block_bits, computed), table
+
+
+def _row_ranges(table_bytes_per_row: int, num_rows: int, what: str) -> list[tuple[int, int]]:
+  """Consecutive row ranges whose tables each fit `TABLE_SMEM_BYTES`."""
+  rows_per_call = TABLE_SMEM_BYTES // table_bytes_per_row
+  if rows_per_call == 0:
+    raise ValueError(
+      f"one row of the {what} step table takes {table_bytes_per_row} bytes of SMEM, more than "
+      f"the {TABLE_SMEM_BYTES} of the {SMEM_BYTES}-byte SMEM a call may use; use larger blocks"
+    )
+  return [(r, min(r + rows_per_call, num_rows)) for r in range(0, num_rows, rows_per_call)]
+
+
+def _steps_in(counts, start: int, stop: int, listed: int) -> int:
+  """Grid steps the rows `[start, stop)` need: their longest list when the counts are known."""
+  if _is_traced(counts):
+    return listed
+  return max(1, int(np.asarray(counts)[:, start:stop].max()))
+
+
+def forward_tables(info: MaskInfo) -> list[tuple[StepTable, jax.Array]]:
+  """Forward / dq step tables (rows: query blocks), one per call."""
+  outer, num_rows, listed = info.indices.shape
+  bits = _block_bits(info.num_kv_blocks, info.tiles.shape[0])
+  tables = []
+  for start, stop in _row_ranges(4 * outer * listed, num_rows, "forward"):
+    steps = _steps_in(info.counts, start, stop, listed)
+    rows = (slice(None), slice(start, stop), None, slice(0, steps))
+    arrays = (x[rows] for x in (info.kinds, info.indices, info.partial_ids))
+    tables.append(_pack(start, stop - start, 1, steps, bits, *arrays))
+  return tables
+
+
+def dkv_tables(info: MaskInfo, heads: int, kv_heads: int) -> list[tuple[StepTable, jax.Array]]:
+  """dk/dv step tables (rows: kv blocks, in the dk/dv grid's order), one per call."""
+  per_head = info.mask_heads > 1
+  outer, inner = (kv_heads, heads // kv_heads) if per_head else (1, 1)
+  num_rows, listed = info.t_indices.shape[1:]
+  bits = _block_bits(info.num_q_blocks, info.tiles.shape[0])
+
+  def grid_order(x):  # [mask_heads, rows, steps] -> [outer, rows, inner, steps]
+    return x.reshape(outer, inner, num_rows, listed).transpose(0, 2, 1, 3)
+
+  tables = []
+  for start, stop in _row_ranges(4 * outer * inner * listed, num_rows, "dk/dv"):
+    steps = _steps_in(info.t_counts, start, stop, listed)
+    rows = (slice(None), slice(start, stop), slice(None), slice(0, steps))
+    arrays = (grid_order(x)[rows] for x in (info.t_kinds, info.t_indices, info.t_partial_ids))
+    tables.append(_pack(start, stop - start, inner, steps, bits, *arrays))
+  return tables
+
+
+def table_smem_bytes(info: MaskInfo, heads: int, kv_heads: int) -> dict[str, list[int]]:
+  """SMEM bytes of each call's step table: {"forward": [...], "dkv": [...]} (dq as forward)."""
+  return {
+    "forward": [layout.smem_bytes for layout, _ in forward_tables(info)],
+    "dkv": [layout.smem_bytes for layout, _ in dkv_tables(info, heads, kv_heads)],
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +224,8 @@ def _logits(st: _Static, q, k):
 
 def _allowed(st: _Static, apply_tile: bool, tile_ref, q_seg_ref, kv_seg_ref):
   """Boolean `[bq, bkv]` of allowed pairs, or None when everything is allowed."""
-  allowed = tile_ref[...] != 0 if apply_tile else None
+  # Widened before comparing: v4's VPU has no int8 compare; the tile stays int8 in HBM / VMEM.
+  allowed = tile_ref[...].astype(jnp.int32) != 0 if apply_tile else None
   if st.has_segments:
     q_ids, kv_ids = q_seg_ref[...], kv_seg_ref[...]  # [bq, 1], [1, bkv]
     same = q_ids == kv_ids
@@ -102,14 +247,18 @@ def _split_refs(st: _Static, refs, n_main: int, with_sinks: bool):
   return main, q_seg, kv_seg, tile, sinks, rest
 
 
-def _forward_kernel(counts_ref, indices_ref, kinds_ref, pids_ref, *refs, st: _Static):
-  del counts_ref, indices_ref, pids_ref
+def _matmul(a, b, contracting):
+  """float32-accumulated `a . b` over `contracting` (lhs axis, rhs axis), operands as given."""
+  return jax.lax.dot_general(a, b, (contracting, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _forward_kernel(table_ref, *refs, st: _Static, layout: StepTable):
   (q_ref, k_ref, v_ref), q_seg, kv_seg, tile_ref, sinks_ref, rest = _split_refs(
     st, refs, 3, with_sinks=True
   )
   o_ref, lse_ref, m_scr, l_scr, acc_scr = rest
   h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  kind = kinds_ref[h if st.per_head else 0, i, j]
+  kind = layout.kind(layout.entry(table_ref, h if st.per_head else 0, i, 0, j))
 
   @pl.when(j == 0)
   def _init():
@@ -130,10 +279,7 @@ def _forward_kernel(counts_ref, indices_ref, kinds_ref, pids_ref, *refs, st: _St
     l_scr[...] = correction * l_scr[...] + p.sum(axis=1, keepdims=True)
     m_scr[...] = m_new
     v = v_ref[...]
-    pv = jax.lax.dot_general(
-      p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-    )
-    acc_scr[...] = acc_scr[...] * correction[:, :1] + pv
+    acc_scr[...] = acc_scr[...] * correction[:, :1] + _matmul(p.astype(v.dtype), v, ((1,), (0,)))
 
   pl.when(kind == FULL)(lambda: update(apply_tile=False))
   pl.when(kind == PARTIAL)(lambda: update(apply_tile=True))
@@ -151,28 +297,24 @@ def _forward_kernel(counts_ref, indices_ref, kinds_ref, pids_ref, *refs, st: _St
 
 
 def _probs_and_dlogits(st: _Static, apply_tile, q, k, v, do, lse, delta, tile, q_seg, kv_seg):
-  """Recomputed probabilities `[bq, bkv]` and d loss / d (q k^T) (scale applied)."""
+  """Recomputed probabilities `[bq, bkv]` and d loss / d (q k^T) (scale applied), float32."""
   s, capped = _logits(st, q, k)
   p = jnp.exp(s - jnp.where(lse == -jnp.inf, 0.0, lse))
   allowed = _allowed(st, apply_tile, tile, q_seg, kv_seg)
   if allowed is not None:
     p = jnp.where(allowed, p, 0.0)
-  dp = jax.lax.dot_general(
-    do, v.astype(jnp.float32), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-  )
-  ds = p * (dp - delta)
+  ds = p * (_matmul(do, v, ((1,), (1,))) - delta)
   if capped is not None:
     ds = ds * (1.0 - capped * capped)
   return p, ds * st.scale
 
 
-def _dq_kernel(counts_ref, indices_ref, kinds_ref, pids_ref, *refs, st: _Static):
-  del counts_ref, indices_ref, pids_ref
+def _dq_kernel(table_ref, *refs, st: _Static, layout: StepTable):
   main, q_seg, kv_seg, tile_ref, _, rest = _split_refs(st, refs, 6, with_sinks=False)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = main
   dq_ref, dq_scr = rest
   h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  kind = kinds_ref[h if st.per_head else 0, i, j]
+  kind = layout.kind(layout.entry(table_ref, h if st.per_head else 0, i, 0, j))
 
   @pl.when(j == 0)
   def _init():
@@ -181,21 +323,10 @@ def _dq_kernel(counts_ref, indices_ref, kinds_ref, pids_ref, *refs, st: _Static)
   def update(apply_tile: bool):
     k = k_ref[...]
     _, ds = _probs_and_dlogits(
-      st,
-      apply_tile,
-      q_ref[...],
-      k,
-      v_ref[...],
-      do_ref[...].astype(jnp.float32),
-      lse_ref[...],
-      delta_ref[...],
-      tile_ref,
-      q_seg,
-      kv_seg,
-    )
-    dq_scr[...] += jax.lax.dot_general(
-      ds, k.astype(jnp.float32), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-    )
+      st, apply_tile, q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
+      tile_ref, q_seg, kv_seg,
+    )  # fmt: skip
+    dq_scr[...] += _matmul(ds.astype(k.dtype), k, ((1,), (0,)))
 
   pl.when(kind == FULL)(lambda: update(apply_tile=False))
   pl.when(kind == PARTIAL)(lambda: update(apply_tile=True))
@@ -205,14 +336,13 @@ def _dq_kernel(counts_ref, indices_ref, kinds_ref, pids_ref, *refs, st: _Static)
     dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(counts_ref, indices_ref, kinds_ref, pids_ref, *refs, st: _Static):
-  del counts_ref, indices_ref, pids_ref
+def _dkv_kernel(table_ref, *refs, st: _Static, layout: StepTable):
   main, q_seg, kv_seg, tile_ref, _, rest = _split_refs(st, refs, 6, with_sinks=False)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = main
   dk_ref, dv_ref, dk_scr, dv_scr = rest
   kv_head, kb, g, jt = pl.program_id(1), pl.program_id(2), pl.program_id(3), pl.program_id(4)
-  h = kv_head * st.groups + g
-  kind = kinds_ref[h if st.per_head else 0, kb, jt]
+  outer, inner = (kv_head, g) if st.per_head else (0, 0)
+  kind = layout.kind(layout.entry(table_ref, outer, kb, inner, jt))
 
   @pl.when((g == 0) & (jt == 0))
   def _init():
@@ -220,23 +350,13 @@ def _dkv_kernel(counts_ref, indices_ref, kinds_ref, pids_ref, *refs, st: _Static
     dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
   def update(apply_tile: bool):
-    q, do = q_ref[...].astype(jnp.float32), do_ref[...].astype(jnp.float32)
+    q, do = q_ref[...], do_ref[...]
     p, ds = _probs_and_dlogits(
-      st,
-      apply_tile,
-      q_ref[...],
-      k_ref[...],
-      v_ref[...],
-      do,
-      lse_ref[...],
-      delta_ref[...],
-      tile_ref,
-      q_seg,
-      kv_seg,
-    )
-    transposed_lhs = (((0,), (0,)), ((), ()))
-    dv_scr[...] += jax.lax.dot_general(p, do, transposed_lhs, preferred_element_type=jnp.float32)
-    dk_scr[...] += jax.lax.dot_general(ds, q, transposed_lhs, preferred_element_type=jnp.float32)
+      st, apply_tile, q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], tile_ref,
+      q_seg, kv_seg,
+    )  # fmt: skip
+    dv_scr[...] += _matmul(p.astype(do.dtype), do, ((0,), (0,)))
+    dk_scr[...] += _matmul(ds.astype(q.dtype), q, ((0,), (0,)))
 
   pl.when(kind == FULL)(lambda: update(apply_tile=False))
   pl.when(kind == PARTIAL)(lambda: update(apply_tile=True))
@@ -251,14 +371,48 @@ def _dkv_kernel(counts_ref, indices_ref, kinds_ref, pids_ref, *refs, st: _Static
 # pallas_call wiring.
 
 
-def _compiler_params(*semantics):
-  return pltpu.CompilerParams(dimension_semantics=semantics)
+def _vmem_tile_bytes(shape, dtype) -> int:
+  """VMEM bytes of an array: last dim padded to 128 lanes, second-last to whole sublane tiles."""
+  itemsize = jnp.dtype(dtype).itemsize
+  *lead, rows, cols = (1, *shape) if len(shape) == 1 else shape
+  sublanes = 8 * max(1, 4 // itemsize)
+  return math.prod(lead) * -(-rows // sublanes) * sublanes * -(-cols // LANES) * LANES * itemsize
 
 
-def _prefetch(info: MaskInfo, transposed: bool):
-  if transposed:
-    return (info.t_counts, info.t_indices, info.t_kinds, info.t_partial_ids)
-  return (info.counts, info.indices, info.kinds, info.partial_ids)
+def vmem_limit_bytes(blocks, scratch, bq: int, bkv: int) -> int:
+  """The VMEM a call needs: its pipelined blocks twice (double-buffered), its scratch and four
+  float32 `[bq, bkv]` temporaries (logits, probabilities, their gradients), plus half for
+  Mosaic's own, in whole MiB; raises ValueError above `MIN_VMEM_BYTES`.
+
+  `blocks`, `scratch`: (shape, dtype) pairs, block shapes without squeezed dims.
+  """
+  need = 2 * sum(_vmem_tile_bytes(*b) for b in blocks)
+  need += sum(_vmem_tile_bytes(*s) for s in scratch) + 4 * _vmem_tile_bytes((bq, bkv), jnp.float32)
+  limit = -(-(need * 3 // 2) // (1 << 20)) << 20
+  if limit > MIN_VMEM_BYTES:
+    raise ValueError(
+      f"blocks of ({bq}, {bkv}) need {limit} bytes of VMEM, more than the {MIN_VMEM_BYTES} of "
+      f"the smallest TPU VMEM (v4); use smaller blocks"
+    )
+  return limit
+
+
+def _compiler_params(semantics, in_specs, out_specs, operands, out_shapes, scratch, st):
+  """Mosaic params with a VMEM limit from the call's VMEM blocks and scratch."""
+
+  def block_shapes(specs, arrays):
+    return [
+      (tuple(d for d in spec.block_shape if d is not pl.squeezed), array.dtype)
+      for spec, array in zip(specs, arrays, strict=True)
+      if spec.block_shape is not None
+    ]
+
+  blocks = block_shapes(in_specs, operands) + block_shapes(out_specs, out_shapes)
+  scratch_shapes = [(s.shape, s.dtype) for s in scratch]
+  return pltpu.CompilerParams(
+    dimension_semantics=semantics,
+    vmem_limit_bytes=vmem_limit_bytes(blocks, scratch_shapes, st.block_q, st.block_kv),
+  )
 
 
 def _side_specs(st: _Static, q_block, kv_block, tile_block, with_sinks: bool):
@@ -285,87 +439,175 @@ def _side_args(st: _Static, q_seg, kv_seg, tiles, sinks, with_sinks: bool):
   return args
 
 
-def _forward_call(st: _Static, info: MaskInfo, q, k, v, q_seg, kv_seg, sinks):
-  b, h, tq, d = q.shape
+class _Tables(NamedTuple):
+  """The kernels' mask operands: int8 tiles `[num_tiles, bq, bkv]`, one step table per call."""
+
+  tiles: jax.Array
+  forward: tuple[jax.Array, ...]
+  dkv: tuple[jax.Array, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static(Static):
+  """`common.Static` (shared with the GPU kernels) and the calls' step-table layouts."""
+
+  forward_layouts: tuple[StepTable, ...] = ()
+  dkv_layouts: tuple[StepTable, ...] = ()
+
+
+def _tables_and_static(st: Static, info: MaskInfo, heads: int, kv_heads: int, has_sinks: bool):
+  """The step tables of every call and the static settings that describe them; raises
+  ValueError when a call's table and sinks would not fit SMEM."""
+  forward, dkv = forward_tables(info), dkv_tables(info, heads, kv_heads)
+  sinks_bytes = 4 * heads if has_sinks else 0
+  for layout, _ in forward + dkv:
+    if layout.smem_bytes + sinks_bytes > SMEM_BYTES:
+      raise ValueError(
+        f"a call's step table ({layout.smem_bytes} bytes) and sinks ({sinks_bytes} bytes) "
+        f"exceed the {SMEM_BYTES}-byte SMEM"
+      )
+  fields = {f.name: getattr(st, f.name) for f in dataclasses.fields(st)}
+  static = _Static(
+    **fields,
+    forward_layouts=tuple(layout for layout, _ in forward),
+    dkv_layouts=tuple(layout for layout, _ in dkv),
+  )
+  tables = _Tables(
+    jnp.asarray(info.tiles),
+    tuple(jnp.asarray(t) for _, t in forward),
+    tuple(jnp.asarray(t) for _, t in dkv),
+  )
+  return tables, static
+
+
+def _cost(tiles: int, matmul_dims: int, bq: int, bkv: int, per_tile_bytes: int, rows_bytes: int):
+  """Cost of a call: `tiles` computed tiles of `matmul_dims` contraction widths summed over its
+  matmuls; bytes of the blocks fetched per tile and of the row-resident blocks."""
+  return pl.CostEstimate(
+    flops=int(2 * tiles * bq * bkv * matmul_dims),
+    transcendentals=int(tiles * bq * bkv),
+    bytes_accessed=int(tiles * per_tile_bytes + rows_bytes),
+  )
+
+
+def _forward_call(st: _Static, tables: _Tables, q, k, v, q_seg, kv_seg, sinks):
+  outs, lses = [], []
+  for layout, table in zip(st.forward_layouts, tables.forward, strict=True):
+    out, lse = _forward_rows(st, layout, table, tables.tiles, q, k, v, q_seg, kv_seg, sinks)
+    outs.append(out)
+    lses.append(lse)
+  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+
+
+def _forward_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, q_seg, kv_seg, sinks):
+  """Out `[b, h, rows * bq, dv]` and lse `[b, h, rows * bq, 1]` of the call's query rows."""
+  b, h, _, d = q.shape
   dv = v.shape[-1]
-  bq, bkv = st.block_q, st.block_kv
-  mh = (lambda hh: hh) if st.per_head else (lambda hh: 0)
-  grid = (b, h, tq // bq, info.indices.shape[-1])
+  bq, bkv, r0 = st.block_q, st.block_kv, layout.row_start
 
-  def kv_block(bb, hh, i, j, counts, indices, kinds, pids):
-    return indices[mh(hh), i, j]
+  def entry(hh, i, j, table_ref):
+    return layout.entry(table_ref, hh if st.per_head else 0, i, 0, j)
 
-  def q_block(bb, hh, i, j, *_):
-    return i
+  def kv_block(bb, hh, i, j, table_ref):
+    return layout.block(entry(hh, i, j, table_ref))
 
-  def tile_block(bb, hh, i, j, counts, indices, kinds, pids):
-    return pids[mh(hh), i, j]
+  def tile_block(bb, hh, i, j, table_ref):
+    return layout.tile(entry(hh, i, j, table_ref))
+
+  def kv_rows(width):
+    return pl.BlockSpec(
+      (pl.squeezed, pl.squeezed, bkv, width),
+      lambda bb, hh, i, j, t: (bb, jax.lax.div(hh, st.groups), kv_block(bb, hh, i, j, t), 0),
+    )
+
+  def out_rows(width):
+    return pl.BlockSpec(
+      (pl.squeezed, pl.squeezed, bq, width), lambda bb, hh, i, j, t: (bb, hh, i, 0)
+    )
 
   in_specs = [
-    pl.BlockSpec((pl.squeezed, pl.squeezed, bq, d), lambda bb, hh, i, j, *_: (bb, hh, i, 0)),
-    pl.BlockSpec(
-      (pl.squeezed, pl.squeezed, bkv, d),
-      lambda bb, hh, i, j, *p: (bb, jax.lax.div(hh, st.groups), kv_block(bb, hh, i, j, *p), 0),
-    ),
-    pl.BlockSpec(
-      (pl.squeezed, pl.squeezed, bkv, dv),
-      lambda bb, hh, i, j, *p: (bb, jax.lax.div(hh, st.groups), kv_block(bb, hh, i, j, *p), 0),
-    ),
-    *_side_specs(st, q_block, kv_block, tile_block, with_sinks=True),
+    pl.BlockSpec((pl.squeezed, pl.squeezed, bq, d), lambda bb, hh, i, j, t: (bb, hh, i + r0, 0)),
+    kv_rows(d),
+    kv_rows(dv),
+    *_side_specs(st, lambda bb, hh, i, *_: i + r0, kv_block, tile_block, with_sinks=True),
   ]
-  out_specs = [
-    pl.BlockSpec((pl.squeezed, pl.squeezed, bq, dv), lambda bb, hh, i, j, *_: (bb, hh, i, 0)),
-    pl.BlockSpec((pl.squeezed, pl.squeezed, bq, 1), lambda bb, hh, i, j, *_: (bb, hh, i, 0)),
+  out_specs = [out_rows(dv), out_rows(1)]
+  rows = layout.rows * bq
+  out_shape = [
+    jax.ShapeDtypeStruct((b, h, rows, dv), q.dtype),
+    jax.ShapeDtypeStruct((b, h, rows, 1), jnp.float32),
   ]
-  visited = None
-  if _is_concrete(info.counts):
-    visited = int(np.asarray(info.counts).sum()) * b * (1 if st.per_head else h)
+  scratch = [
+    pltpu.VMEM((bq, LANES), jnp.float32),
+    pltpu.VMEM((bq, LANES), jnp.float32),
+    pltpu.VMEM((bq, dv), jnp.float32),
+  ]
+  operands = [q, k, v, *_side_args(st, q_seg, kv_seg, tiles, sinks, True)]
+  tiles_done = layout.computed * b * (1 if st.per_head else h)
+  itemsize = q.dtype.itemsize
   return pl.pallas_call(
-    functools.partial(_forward_kernel, st=st),
+    functools.partial(_forward_kernel, st=st, layout=layout),
     grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=4,
-      grid=grid,
+      num_scalar_prefetch=1,
+      grid=(b, h, layout.rows, layout.steps),
       in_specs=in_specs,
       out_specs=out_specs,
-      scratch_shapes=[
-        pltpu.VMEM((bq, LANES), jnp.float32),
-        pltpu.VMEM((bq, LANES), jnp.float32),
-        pltpu.VMEM((bq, dv), jnp.float32),
-      ],
+      scratch_shapes=scratch,
     ),
-    out_shape=[
-      jax.ShapeDtypeStruct((b, h, tq, dv), q.dtype),
-      jax.ShapeDtypeStruct((b, h, tq, 1), jnp.float32),
-    ],
-    compiler_params=_compiler_params("parallel", "parallel", "parallel", "arbitrary"),
-    cost_estimate=_cost(visited, b, h, bq, bkv, d, dv, q, passes=1),
+    out_shape=out_shape,
+    compiler_params=_compiler_params(
+      ("parallel", "parallel", "parallel", "arbitrary"),
+      in_specs,
+      out_specs,
+      operands,
+      out_shape,
+      scratch,
+      st,
+    ),  # fmt: skip
+    cost_estimate=_cost(
+      tiles_done,
+      d + dv,
+      bq,
+      bkv,
+      bkv * (d + dv) * itemsize,
+      b * h * rows * ((d + dv) * itemsize + 4),
+    ),
     interpret=st.interpret,
     name="block_sparse_fwd",
-  )(*_prefetch(info, False), q, k, v, *_side_args(st, q_seg, kv_seg, info.tiles, sinks, True))
+  )(table, *operands)
 
 
-def _dq_call(st: _Static, info: MaskInfo, q, k, v, do, lse, delta, q_seg, kv_seg):
-  b, h, tq, d = q.shape
+def _dq_call(st: _Static, tables: _Tables, q, k, v, do, lse, delta, q_seg, kv_seg):
+  dqs = []
+  for layout, table in zip(st.forward_layouts, tables.forward, strict=True):
+    dqs.append(_dq_rows(st, layout, table, tables.tiles, q, k, v, do, lse, delta, q_seg, kv_seg))
+  return jnp.concatenate(dqs, axis=2)
+
+
+def _dq_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, do, lse, delta, q_seg, kv_seg):
+  """dq `[b, h, rows * bq, d]` of the call's query rows."""
+  b, h, _, d = q.shape
   dv = v.shape[-1]
-  bq, bkv = st.block_q, st.block_kv
-  mh = (lambda hh: hh) if st.per_head else (lambda hh: 0)
-  grid = (b, h, tq // bq, info.indices.shape[-1])
+  bq, bkv, r0 = st.block_q, st.block_kv, layout.row_start
 
-  def kv_block(bb, hh, i, j, counts, indices, kinds, pids):
-    return indices[mh(hh), i, j]
+  def entry(hh, i, j, table_ref):
+    return layout.entry(table_ref, hh if st.per_head else 0, i, 0, j)
 
-  def tile_block(bb, hh, i, j, counts, indices, kinds, pids):
-    return pids[mh(hh), i, j]
+  def kv_block(bb, hh, i, j, table_ref):
+    return layout.block(entry(hh, i, j, table_ref))
 
-  def q_rows(width):
+  def tile_block(bb, hh, i, j, table_ref):
+    return layout.tile(entry(hh, i, j, table_ref))
+
+  def q_rows(width, offset=r0):
     return pl.BlockSpec(
-      (pl.squeezed, pl.squeezed, bq, width), lambda bb, hh, i, j, *_: (bb, hh, i, 0)
+      (pl.squeezed, pl.squeezed, bq, width), lambda bb, hh, i, j, t: (bb, hh, i + offset, 0)
     )
 
   def kv_rows(width):
     return pl.BlockSpec(
       (pl.squeezed, pl.squeezed, bkv, width),
-      lambda bb, hh, i, j, *p: (bb, jax.lax.div(hh, st.groups), kv_block(bb, hh, i, j, *p), 0),
+      lambda bb, hh, i, j, t: (bb, jax.lax.div(hh, st.groups), kv_block(bb, hh, i, j, t), 0),
     )
 
   in_specs = [
@@ -375,56 +617,83 @@ def _dq_call(st: _Static, info: MaskInfo, q, k, v, do, lse, delta, q_seg, kv_seg
     q_rows(dv),
     q_rows(1),
     q_rows(1),
-    *_side_specs(st, lambda bb, hh, i, j, *_: i, kv_block, tile_block, with_sinks=False),
+    *_side_specs(st, lambda bb, hh, i, *_: i + r0, kv_block, tile_block, with_sinks=False),
   ]
+  out_specs = q_rows(d, offset=0)
+  rows = layout.rows * bq
+  out_shape = jax.ShapeDtypeStruct((b, h, rows, d), q.dtype)
+  scratch = [pltpu.VMEM((bq, d), jnp.float32)]
+  operands = [q, k, v, do, lse, delta, *_side_args(st, q_seg, kv_seg, tiles, None, False)]
+  tiles_done = layout.computed * b * (1 if st.per_head else h)
+  itemsize = q.dtype.itemsize
   return pl.pallas_call(
-    functools.partial(_dq_kernel, st=st),
+    functools.partial(_dq_kernel, st=st, layout=layout),
     grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=4,
-      grid=grid,
+      num_scalar_prefetch=1,
+      grid=(b, h, layout.rows, layout.steps),
       in_specs=in_specs,
-      out_specs=q_rows(d),
-      scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
+      out_specs=out_specs,
+      scratch_shapes=scratch,
     ),
-    out_shape=jax.ShapeDtypeStruct((b, h, tq, d), q.dtype),
-    compiler_params=_compiler_params("parallel", "parallel", "parallel", "arbitrary"),
+    out_shape=out_shape,
+    compiler_params=_compiler_params(
+      ("parallel", "parallel", "parallel", "arbitrary"),
+      in_specs,
+      [out_specs],
+      operands,
+      [out_shape],
+      scratch,
+      st,
+    ),  # fmt: skip
+    cost_estimate=_cost(
+      tiles_done,
+      2 * d + dv,
+      bq,
+      bkv,
+      bkv * (d + dv) * itemsize,
+      b * h * rows * ((3 * d + dv) * itemsize + 8),
+    ),  # fmt: skip
     interpret=st.interpret,
     name="block_sparse_dq",
-  )(
-    *_prefetch(info, False),
-    q,
-    k,
-    v,
-    do,
-    lse,
-    delta,
-    *_side_args(st, q_seg, kv_seg, info.tiles, None, False),
-  )
+  )(table, *operands)
 
 
-def _dkv_call(st: _Static, info: MaskInfo, q, k, v, do, lse, delta, q_seg, kv_seg):
+def _dkv_call(st: _Static, tables: _Tables, q, k, v, do, lse, delta, q_seg, kv_seg):
+  dks, dvs = [], []
+  for layout, table in zip(st.dkv_layouts, tables.dkv, strict=True):
+    dk, dv = _dkv_rows(st, layout, table, tables.tiles, q, k, v, do, lse, delta, q_seg, kv_seg)
+    dks.append(dk)
+    dvs.append(dv)
+  return jnp.concatenate(dks, axis=2), jnp.concatenate(dvs, axis=2)
+
+
+def _dkv_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, do, lse, delta, q_seg,
+              kv_seg):  # fmt: skip
+  """dk `[b, hk, rows * bkv, d]`, dv `[b, hk, rows * bkv, dv]` of the call's kv rows."""
   b, h, _, d = q.shape
-  hk, tk, _ = k.shape[1:]
+  hk = k.shape[1]
   dv = v.shape[-1]
-  bq, bkv = st.block_q, st.block_kv
-  mh = (lambda hh: hh) if st.per_head else (lambda hh: 0)
-  grid = (b, hk, tk // bkv, st.groups, info.t_indices.shape[-1])
+  bq, bkv, r0 = st.block_q, st.block_kv, layout.row_start
 
-  def q_block(bb, kh, kb, g, jt, counts, indices, kinds, pids):
-    return indices[mh(kh * st.groups + g), kb, jt]
+  def entry(kh, kb, g, jt, table_ref):
+    outer, inner = (kh, g) if st.per_head else (0, 0)
+    return layout.entry(table_ref, outer, kb, inner, jt)
 
-  def tile_block(bb, kh, kb, g, jt, counts, indices, kinds, pids):
-    return pids[mh(kh * st.groups + g), kb, jt]
+  def q_block(bb, kh, kb, g, jt, table_ref):
+    return layout.block(entry(kh, kb, g, jt, table_ref))
+
+  def tile_block(bb, kh, kb, g, jt, table_ref):
+    return layout.tile(entry(kh, kb, g, jt, table_ref))
 
   def q_rows(width):
     return pl.BlockSpec(
       (pl.squeezed, pl.squeezed, bq, width),
-      lambda bb, kh, kb, g, jt, *p: (bb, kh * st.groups + g, q_block(bb, kh, kb, g, jt, *p), 0),
+      lambda bb, kh, kb, g, jt, t: (bb, kh * st.groups + g, q_block(bb, kh, kb, g, jt, t), 0),
     )
 
-  def kv_rows(width):
+  def kv_rows(width, offset=r0):
     return pl.BlockSpec(
-      (pl.squeezed, pl.squeezed, bkv, width), lambda bb, kh, kb, g, jt, *_: (bb, kh, kb, 0)
+      (pl.squeezed, pl.squeezed, bkv, width), lambda bb, kh, kb, *_: (bb, kh, kb + offset, 0)
     )
 
   in_specs = [
@@ -434,49 +703,48 @@ def _dkv_call(st: _Static, info: MaskInfo, q, k, v, do, lse, delta, q_seg, kv_se
     q_rows(dv),
     q_rows(1),
     q_rows(1),
-    *_side_specs(st, q_block, lambda bb, kh, kb, *_: kb, tile_block, with_sinks=False),
+    *_side_specs(st, q_block, lambda bb, kh, kb, *_: kb + r0, tile_block, with_sinks=False),
   ]
+  out_specs = [kv_rows(d, offset=0), kv_rows(dv, offset=0)]
+  rows = layout.rows * bkv
+  out_shape = [
+    jax.ShapeDtypeStruct((b, hk, rows, d), k.dtype),
+    jax.ShapeDtypeStruct((b, hk, rows, dv), v.dtype),
+  ]
+  scratch = [pltpu.VMEM((bkv, d), jnp.float32), pltpu.VMEM((bkv, dv), jnp.float32)]
+  operands = [q, k, v, do, lse, delta, *_side_args(st, q_seg, kv_seg, tiles, None, False)]
+  repeats = b * (1 if st.per_head else h)
+  itemsize = q.dtype.itemsize
   return pl.pallas_call(
-    functools.partial(_dkv_kernel, st=st),
+    functools.partial(_dkv_kernel, st=st, layout=layout),
     grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=4,
-      grid=grid,
+      num_scalar_prefetch=1,
+      grid=(b, hk, layout.rows, st.groups, layout.steps),
       in_specs=in_specs,
-      out_specs=[kv_rows(d), kv_rows(dv)],
-      scratch_shapes=[pltpu.VMEM((bkv, d), jnp.float32), pltpu.VMEM((bkv, dv), jnp.float32)],
+      out_specs=out_specs,
+      scratch_shapes=scratch,
     ),
-    out_shape=[
-      jax.ShapeDtypeStruct(k.shape, k.dtype),
-      jax.ShapeDtypeStruct(v.shape, v.dtype),
-    ],
-    compiler_params=_compiler_params("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
+    out_shape=out_shape,
+    compiler_params=_compiler_params(
+      ("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
+      in_specs,
+      out_specs,
+      operands,
+      out_shape,
+      scratch,
+      st,
+    ),  # fmt: skip
+    cost_estimate=_cost(
+      layout.computed * repeats,
+      2 * (d + dv),
+      bq,
+      bkv,
+      bq * ((d + dv) * itemsize + 8),
+      b * hk * rows * 2 * (d + dv) * itemsize,
+    ),  # fmt: skip
     interpret=st.interpret,
     name="block_sparse_dkv",
-  )(
-    *_prefetch(info, True),
-    q,
-    k,
-    v,
-    do,
-    lse,
-    delta,
-    *_side_args(st, q_seg, kv_seg, info.tiles, None, False),
-  )
-
-
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
-def _cost(tiles, b, h, bq, bkv, d, dv, q, passes):
-  """Cost of the visited tiles only: empty tiles are neither fetched nor computed."""
-  if tiles is None:
-    return None
-  return pl.CostEstimate(
-    flops=int(2 * tiles * bq * bkv * (d + dv) * passes),
-    transcendentals=int(tiles * bq * bkv * passes),
-    bytes_accessed=int(tiles * bkv * (d + dv) * q.dtype.itemsize + 2 * b * h * bq * d),
-  )
+  )(table, *operands)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,14 +788,15 @@ def block_sparse_attention(
     check_block_sizes(
       BlockSizes(bq, bkv), mask_info.num_q_blocks * bq, mask_info.num_kv_blocks * bkv
     )
-  st = _Static.of_call(
+  st = Static.of_call(
     q, k, mask_info, scale=scale, softcap=softcap, segment_ids=segment_ids,
     padding_id=padding_id, sinks=sinks, interpret=interpret,
   )  # fmt: skip
-  info, q, k, v, sinks, q_seg, kv_seg = kernel_operands(q, k, v, mask_info, segment_ids, sinks)
+  tables, st = _tables_and_static(st, mask_info, q.shape[2], k.shape[2], sinks is not None)
+  _, q, k, v, sinks, q_seg, kv_seg = kernel_operands(q, k, v, mask_info, segment_ids, sinks)
   if st.has_segments:  # query ids as a column, kv ids as a row
     q_seg, kv_seg = q_seg[:, :, None], kv_seg[:, None, :]
-  out, lse = _attention(st, info, q, k, v, sinks, q_seg, kv_seg)
+  out, lse = _attention(st, tables, q, k, v, sinks, q_seg, kv_seg)
   return out[:, :, :q_len].transpose(0, 2, 1, 3), lse[:, :, :q_len, 0].transpose(0, 2, 1)
 
 
@@ -535,9 +804,9 @@ def block_sparse_attention(
 # custom_vjp wiring.
 
 
-def _forward(st, info, q, k, v, sinks, q_seg, kv_seg):
-  out, lse = _forward_call(st, info, q, k, v, q_seg, kv_seg, sinks)
-  return (out, lse), (info, q, k, v, sinks, q_seg, kv_seg, out, lse)
+def _forward(st, tables, q, k, v, sinks, q_seg, kv_seg):
+  out, lse = _forward_call(st, tables, q, k, v, q_seg, kv_seg, sinks)
+  return (out, lse), (tables, q, k, v, sinks, q_seg, kv_seg, out, lse)
 
 
 def _backward(st, residuals, cotangents):

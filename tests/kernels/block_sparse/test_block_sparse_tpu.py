@@ -3,6 +3,8 @@ visited tiles, TPU block-size rules."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from attnjax import masks
 from attnjax.ops.softmax.pallas import mask_info
-from kernels_pallas.block_sparse import BlockSizes
+from kernels_pallas.block_sparse import BlockSizes, tpu
+from kernels_pallas.block_sparse.common import PARTIAL
 from kernels_pallas.block_sparse.tpu import block_sparse_attention, check_block_sizes
 from tests.helpers import assert_close, random_normal
 
@@ -120,3 +123,56 @@ def test_block_sizes_are_validated_for_tpu():
   q = jnp.ones((1, 64, 2, 64))
   with pytest.raises(ValueError, match="multiple of 128"):
     block_sparse_attention(q, q, q, info, scale=1.0)
+
+
+def _windows_per_head(heads: int, window: int):
+  """Head i: causal sliding window of (i + 1) * window tokens."""
+  return masks.per_head(
+    [masks.causal() & masks.sliding_window(window * (i + 1)) for i in range(heads)]
+  )
+
+
+def test_step_tables_fit_smem_at_128k_tokens_with_per_head_windows():
+  """8 heads, windows of 1k ... 8k tokens, 128-row tiles: the tables are split over calls whose
+  tables each fit the SMEM budget."""
+  seq = 131072
+  info = mask_info(_windows_per_head(8, 1024), seq, seq, 128, 128, 0)
+  smem = tpu.table_smem_bytes(info, heads=8, kv_heads=2)
+  for calls in smem.values():
+    assert len(calls) > 1
+    assert max(calls) <= tpu.TABLE_SMEM_BYTES < tpu.SMEM_BYTES
+
+
+def test_a_row_too_long_for_smem_is_a_value_error():
+  info = mask_info(masks.causal(), 1024, 1024, 32, 128, 0)
+  with (
+    mock.patch.object(tpu, "TABLE_SMEM_BYTES", 64),
+    pytest.raises(ValueError, match="bytes of SMEM"),
+  ):
+    tpu.table_smem_bytes(info, heads=1, kv_heads=1)
+
+
+def test_mask_tile_ids_are_carried_over_non_partial_steps():
+  """A step names the mask tile its block needs (PARTIAL) or the last one before it, so the
+  tile's block index changes only at partial steps: no tile is fetched twice in a row."""
+  info = mask_info(_windows_per_head(4, 200), 1024, 1024, 128, 128, 0)
+  tables = [*tpu.forward_tables(info), *tpu.dkv_tables(info, heads=4, kv_heads=2)]
+  for layout, table in tables:
+    entries = np.asarray(table)
+    kinds, tiles = entries & 3, entries >> (2 + layout.block_bits)
+    changes = np.flatnonzero(np.diff(tiles)) + 1
+    assert len(changes) and (kinds[changes] == PARTIAL).all()
+  ((layout, table),) = tpu.forward_tables(info)
+  entries = np.asarray(table)
+  partial = (entries & 3) == PARTIAL
+  np.testing.assert_array_equal(
+    (entries >> (2 + layout.block_bits))[partial], info.partial_ids.reshape(-1)[partial]
+  )
+
+
+def test_vmem_limit_counts_double_buffered_blocks_scratch_and_temporaries():
+  # 2 x 32 KiB bf16 block + 64 KiB scratch + 4 x 64 KiB f32 temporaries, plus half: 1 MiB
+  limit = tpu.vmem_limit_bytes([((128, 128), jnp.bfloat16)], [((128, 128), jnp.float32)], 128, 128)
+  assert limit == 1 << 20
+  with pytest.raises(ValueError, match="smallest TPU VMEM"):
+    tpu.vmem_limit_bytes([], [], 2048, 2048)
