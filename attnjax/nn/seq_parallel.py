@@ -4,10 +4,13 @@ A `DecoderLM` built with `seq_parallel=SeqParallel(mesh, softmax="ring", linear=
 checks every layer's variant once (`check`, at build time) and hands the context to its
 mixers; each mixer then calls `variant_op(variant, seq_parallel)`: the variant's op wrapped by
 `attnjax.parallel.sequence_parallel` with its family's strategy, or `registry.get(variant)`
-without a context. Only the attention op runs under `shard_map`: projections, norms and
-MLPs stay ordinary code on global arrays that GSPMD partitions. The context is a frozen,
-hashable dataclass, a static attribute of the mixer (it adds no parameter), so a model's
-parameter tree is the same with and without it and checkpoints interchange.
+without a context. On a mesh whose axis `axis` has one device (data parallelism) the context
+splits no sequence: every variant's op runs per shard on its local batch
+(`attnjax.parallel.per_shard.per_shard`), the form in which XLA compiles Pallas kernels.
+Only the attention op runs under `shard_map`: projections, norms and MLPs stay ordinary code
+on global arrays that GSPMD partitions. The context is a frozen, hashable dataclass, a static
+attribute of the mixer (it adds no parameter), so a model's parameter tree is the same with
+and without it and checkpoints interchange.
 
 The sequence reaches the mixers in one layout (`attnjax.parallel.layout`) for the whole
 model: `DecoderLM` takes `for_layers(layer names)`, which is the ring's zigzag layout when
@@ -38,6 +41,7 @@ import attnjax.parallel
 from attnjax import registry
 from attnjax.parallel import layout as layout_lib
 from attnjax.parallel.layout import Layout
+from attnjax.parallel.per_shard import per_shard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +65,18 @@ class SeqParallel:
   batch_axes: tuple[str, ...] | None = None
   layout: Layout = "natural"
 
+  @property
+  def splits_sequence(self) -> bool:
+    """Whether axis `axis` has more than one device; if not, ops run per batch shard."""
+    return self.mesh.shape.get(self.axis, 1) > 1
+
   def for_layers(self, variants: Sequence[str]) -> SeqParallel:
     """This context in the layout of a model with these layers: zigzag iff all run ring."""
-    all_ring = self.softmax == "ring" and all(registry.get(v).family == "softmax" for v in variants)
+    all_ring = (
+      self.splits_sequence
+      and self.softmax == "ring"
+      and all(registry.get(v).family == "softmax" for v in variants)
+    )
     return dataclasses.replace(self, layout="zigzag" if all_ring else "natural")
 
   def positions(self, seq_len: int) -> jax.Array:
@@ -95,7 +108,12 @@ class SeqParallel:
     return strategies[family]
 
   def op(self, variant: str) -> Callable:
-    """`variant`'s op on global `[batch, seq, heads, dim]` arrays, sharded over `axis`."""
+    """`variant`'s op on global `[batch, seq, heads, dim]` arrays, sharded over `axis`.
+
+    Without a sequence split: the op per shard of the batch over `batch_axes`.
+    """
+    if not self.splits_sequence:
+      return per_shard(registry.get(variant), self.mesh, self.batch_axes)
     return attnjax.parallel.sequence_parallel(
       variant,
       self.mesh,
@@ -109,8 +127,11 @@ class SeqParallel:
     """Raises a `ValueError` naming `variant` and its strategy if its layer cannot be split.
 
     `options` are the layer's mixer options: `causal=False` (a bidirectional layer, whose
-    every token needs the whole sequence) cannot be split.
+    every token needs the whole sequence) cannot be split. Without a sequence split every
+    layer qualifies.
     """
+    if not self.splits_sequence:
+      return
     strategy, entry = self.strategy(variant), registry.get(variant)
     reason = None
     if (options or {}).get("causal", True) is False:

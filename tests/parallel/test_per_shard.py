@@ -1,0 +1,78 @@
+"""`per_shard`: attention ops per batch shard on a {"data": 4, "tensor": 2} mesh of 8 CPUs."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from attnjax import masks, registry
+from attnjax.ops import dot_product_attention, linear_attention
+from attnjax.parallel.per_shard import per_shard
+from tests.helpers import assert_close, random_normal, value_and_grads
+
+AUTO = jax.sharding.AxisType.Auto
+TOL = 1e-5  # the same float32 function per shard
+
+
+def _mesh() -> jax.sharding.Mesh:
+  return jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(AUTO, AUTO))
+
+
+def _qkv(key, batch=8, seq=13, heads=4, kv_heads=2, head_dim=12):
+  kq, kk, kv = jax.random.split(key, 3)
+  return (
+    random_normal(kq, (batch, seq, heads, head_dim)),
+    random_normal(kk, (batch, seq, kv_heads, head_dim)),
+    random_normal(kv, (batch, seq, kv_heads, head_dim)),
+  )
+
+
+def _assert_same(op, args: tuple, kwargs: dict, what: str) -> None:
+  """`per_shard(op)` equals `op`: outputs within `TOL`, gradients within `2 * TOL`."""
+  out, grads = value_and_grads(per_shard(op, _mesh(), ("data",)), args, kwargs)
+  ref_out, ref_grads = value_and_grads(op, args, kwargs)
+  for x, ref in zip(jax.tree.leaves(out), jax.tree.leaves(ref_out), strict=True):
+    assert x.shape == ref.shape
+    assert_close(x, ref, TOL, f"{what}: output")
+  for i, (g, ref) in enumerate(zip(grads, ref_grads, strict=True)):
+    assert_close(g, ref, 2 * TOL, f"{what}: gradient of float input {i}")
+
+
+def test_dot_product_attention_with_sinks_and_segment_ids():
+  keys = jax.random.split(jax.random.key(1), 3)
+  q, k, v = _qkv(keys[0])
+  sinks = random_normal(keys[1], (4,))  # [heads]: replicated
+  segment_ids = jnp.cumsum(jax.random.bernoulli(keys[2], 0.2, q.shape[:2]), axis=1)
+  kwargs = dict(
+    mask=masks.causal(), sinks=sinks, segment_ids=segment_ids, return_lse=True, impl="xla"
+  )
+  _assert_same(dot_product_attention, (q, k, v), kwargs, "dot_product_attention")
+
+
+def test_linear_attention_with_log_decay_and_final_state():
+  keys = jax.random.split(jax.random.key(2), 2)
+  q, k, v = _qkv(keys[0], seq=11)
+  log_decay = -jax.nn.softplus(random_normal(keys[1], (8, 11, 4)))  # [batch, seq, heads]
+  kwargs = dict(log_decay=log_decay, return_final_state=True, chunk_size=4, impl="xla")
+  _assert_same(linear_attention, (q, k, v), kwargs, "linear_attention")
+
+
+@pytest.mark.parametrize("name", ["selective", "sinks", "gated"])
+def test_variant_with_extra_arrays(name):
+  """Positional per-token arrays (selective, gated) split; sink parameters (sinks) replicated."""
+  variant = registry.get(name)
+  args, kwargs = variant.example_inputs(jax.random.key(3), batch=8, seq=13)
+  _assert_same(variant, args, {**kwargs, "impl": "xla"}, name)
+
+
+def test_batch_not_divisible_by_batch_axes_raises():
+  q, k, v = _qkv(jax.random.key(4), batch=6)
+  attn = per_shard(dot_product_attention, _mesh(), ("data", "tensor"))
+  with pytest.raises(ValueError, match=r"\('data', 'tensor'\).*batch=6"):
+    attn(q, k, v)
+
+
+def test_output_without_batch_dim_raises():
+  q, k, v = _qkv(jax.random.key(5))
+  attn = per_shard(lambda q, k, v: jnp.mean(q), _mesh(), ("data",))
+  with pytest.raises(ValueError, match=r"output of shape \(\)"):
+    jax.jit(attn)(q, k, v)
