@@ -9,7 +9,10 @@ only when its block index differs from the previous grid step's (or on the first
 output block is written back only when its index is about to change (or on the last step).
 So the counts are the pipeline's DMA traffic on a TPU, plus the explicit DMAs a kernel starts
 with `pltpu.make_async_copy`. Scalar-prefetch operands (copied to SMEM once per call) are
-reported separately.
+reported separately. The interpreter visits the grid's "parallel" dimensions in a random
+order (a TPU walks them in order), so a block whose index depends on them may be counted once
+more or less at the boundaries of those dimensions; along "arbitrary" dimensions the counts
+are exact.
 
 How: while `fn` is lowered, `interpret_pallas_call` is wrapped so that each `pallas_call` gets
 its own recorders in place of the interpreter's `get` / `store` callbacks (only the pipeline's

@@ -176,3 +176,26 @@ def test_vmem_limit_counts_double_buffered_blocks_scratch_and_temporaries():
   assert limit == 1 << 20
   with pytest.raises(ValueError, match="smallest TPU VMEM"):
     tpu.vmem_limit_bytes([], [], 2048, 2048)
+
+
+def test_interpreter_fetches_a_mask_tile_only_when_the_tile_changes():
+  """Counted in the TPU interpreter: within a row a tile is fetched only where the step table
+  names another tile; a row's first step may fetch once more (the interpreter visits the
+  parallel grid dims in a random order)."""
+  from benchmarks import dma_counts
+
+  seq, block = 512, 128
+  info = mask_info(masks.per_head([masks.causal(), masks.sliding_window(200, 200)]), seq, seq,
+                   block, block, 0)  # fmt: skip
+  ((layout, table),) = tpu.forward_tables(info)
+  tiles = (np.asarray(table) >> (2 + layout.block_bits)).reshape(-1, layout.steps)
+  changes_in_rows = np.count_nonzero(np.diff(tiles, axis=1))
+  q = random_normal(jax.random.PRNGKey(3), (1, seq, 2, 128), jnp.bfloat16)
+  params = pltpu.InterpretParams()
+  counts = dma_counts.count(
+    lambda q: block_sparse_attention(q, q[:, :, :1], q[:, :, :1], info, scale=0.1,
+                                     interpret=params)[0], q
+  )  # fmt: skip
+  (call,) = counts.per_call
+  fetches = call.hbm_to_vmem_by_operand["refs[3]"] // (block * block)  # int8 tiles
+  assert changes_in_rows < fetches <= changes_in_rows + len(tiles)
