@@ -13,17 +13,36 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from attnjax import registry
 from attnjax.parallel import mesh as mesh_lib
 
 
 def _is_array(x) -> bool:
   return isinstance(x, jax.Array | np.ndarray)
+
+
+@functools.cache
+def _replicated(name: str) -> frozenset[int | str]:
+  """Positions and names of variant `name`'s array arguments that do not follow the batch.
+
+  Read from its `example_inputs` at two batch sizes, so a parameter whose leading dim happens
+  to equal the batch (e.g. relative position embeddings) is never split.
+  """
+  variant = registry.get(name)
+  (args2, kwargs2), (args3, kwargs3) = (
+    variant.example_inputs(jax.random.key(0), batch=batch) for batch in (2, 3)
+  )
+  two = {**dict(enumerate(args2)), **kwargs2}
+  three = {**dict(enumerate(args3)), **kwargs3}
+  return frozenset(
+    key for key, x in two.items() if _is_array(x) and (x.ndim == 0 or x.shape == three[key].shape)
+  )
 
 
 def _batch_parts(mesh, batch_axes: tuple[str, ...]) -> int:
@@ -56,6 +75,8 @@ def per_shard(
   op: Callable,
   mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
   batch_axes: str | Sequence[str] | None,
+  *,
+  replicated: Collection[int | str] | None = None,
 ) -> Callable:
   """`op` with its batch dimension split over `batch_axes` of `mesh`, run per shard.
 
@@ -68,13 +89,15 @@ def per_shard(
 
   Mesh axes not in `batch_axes` (e.g. "tensor", "fsdp" for parameters) are replicated for
   the op: arrays sharded over them (e.g. heads over "tensor") are gathered at its input.
-  An array whose leading dim happens to equal the batch size is split: pass such parameters
-  in a shape that does not lead with it.
+  An array whose leading dim only happens to equal the batch size must be named in
+  `replicated`; for a registered variant that list is read from its `example_inputs`.
 
   Args:
     op: an attention op `(q, k, v, *arrays, **keywords) -> outputs`.
     mesh: a `jax.sharding.Mesh` or `AbstractMesh` (Auto axis types).
     batch_axes: the mesh axes the batch is split over (e.g. `("data", "fsdp")`); None: none.
+    replicated: positions and names of array arguments never split (None: for a
+      `registry.Variant`, those whose shape does not follow the batch in its examples).
 
   Returns:
     `op` on global arrays; a `ValueError` when `batch` does not divide into the batch axes.
@@ -87,6 +110,8 @@ def per_shard(
     else tuple(batch_axes)
   )
   parts = _batch_parts(mesh, axes)
+  if replicated is None:
+    replicated = _replicated(op.name) if isinstance(op, registry.Variant) else ()
 
   @functools.wraps(op)
   def call(*args, **kwargs):
@@ -95,8 +120,8 @@ def per_shard(
     pos = {i: x for i, x in enumerate(args) if _is_array(x)}
     kw = {key: x for key, x in kwargs.items() if _is_array(x)}
 
-    def spec(x) -> PartitionSpec:
-      split = x.ndim > 0 and x.shape[0] == batch
+    def spec(key, x) -> PartitionSpec:
+      split = key not in replicated and x.ndim > 0 and x.shape[0] == batch
       return mesh_lib.batch_spec(x.ndim, axes or None) if split else PartitionSpec()
 
     def local(pos_shards: dict, kw_shards: dict):
@@ -107,7 +132,7 @@ def per_shard(
     return jax.shard_map(
       local,
       mesh=mesh,
-      in_specs=jax.tree.map(spec, (pos, kw)),
+      in_specs=({i: spec(i, x) for i, x in pos.items()}, {n: spec(n, x) for n, x in kw.items()}),
       out_specs=PartitionSpec(axes or None),
       check_vma=False,
     )(pos, kw)

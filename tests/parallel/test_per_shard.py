@@ -56,12 +56,14 @@ def test_linear_attention_with_log_decay_and_final_state():
   _assert_same(linear_attention, (q, k, v), kwargs, "linear_attention")
 
 
-@pytest.mark.parametrize("name", ["selective", "sinks", "gated"])
+@pytest.mark.parametrize("name", ["selective", "sinks", "gated", "disentangled"])
 def test_variant_with_extra_arrays(name):
-  """Positional per-token arrays (selective, gated) split; sink parameters (sinks) replicated."""
+  """Per-token arrays (selective, gated) split; parameters (sinks; disentangled's relative
+  embeddings `[8, heads, dim]`, leading with the batch size 8) replicated."""
   variant = registry.get(name)
   args, kwargs = variant.example_inputs(jax.random.key(3), batch=8, seq=13)
-  _assert_same(variant, args, {**kwargs, "impl": "xla"}, name)
+  impl = "xla" if "xla" in variant.impl_names else "reference"
+  _assert_same(variant, args, {**kwargs, "impl": impl}, name)
 
 
 def test_batch_not_divisible_by_batch_axes_raises():
