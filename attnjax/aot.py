@@ -154,15 +154,22 @@ VMEM_SPACE = "1"  # Mosaic's memory-space id of VMEM in `used_scoped_memory_conf
 
 def kernel_scoped_memory(compiled) -> list[dict[str, int]]:
   """Per Mosaic kernel in the compiled program: the scoped memory the compiler allocated,
-  `{memory_space_id: bytes}` (id "1" is VMEM), from each custom call's backend config."""
+  `{memory_space_id: bytes}` (id "1" is VMEM), from each custom call's backend config.
+
+  XLA places a kernel's scoped region at an offset (`scoped_memory_configs`); the
+  `used_scoped_memory_configs` entry gives the end of what the kernel used, so the kernel's
+  bytes are that end minus the region's offset.
+  """
   used = []
   for line in compiled.as_text().splitlines():
     if 'custom_call_target="tpu_custom_call"' not in line:
       continue
     start = line.index("backend_config=") + len("backend_config=")
     config, _ = json.JSONDecoder().raw_decode(line, start)
+    region = {e["memory_space"]: int(e["offset"]) for e in config.get("scoped_memory_configs", [])}
     sizes: dict[str, int] = collections.Counter()
     for entry in config.get("used_scoped_memory_configs", []):
-      sizes[entry["memory_space"]] += int(entry["size"])
+      space = entry["memory_space"]
+      sizes[space] += int(entry["offset"]) + int(entry["size"]) - region.get(space, 0)
     used.append(dict(sizes))
   return used

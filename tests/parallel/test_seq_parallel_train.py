@@ -142,9 +142,12 @@ def test_layer_that_cannot_be_split_fails_at_setup_naming_variant_and_strategy(
   build.experiment(config)  # the same layers build unsplit
 
 
-def test_model_without_seq_axis_builds_no_context():
+def test_model_without_seq_axis_runs_its_ops_per_batch_shard():
   mesh = sharding.make_mesh(_hybrid(seq=1).mesh.shape)
-  assert build.seq_parallel(_hybrid(seq=1), mesh) is None
+  context = build.seq_parallel(_hybrid(seq=1), mesh)
+  assert not context.splits_sequence and context.batch_axes == ("data", "fsdp")
+  one_device = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "seq": 1}, jax.devices()[:1])
+  assert build.seq_parallel(_hybrid(seq=1), one_device) is None
   split = _hybrid(seq=4)
   context = build.seq_parallel(split, sharding.make_mesh(split.mesh.shape))
   assert context == SeqParallel(

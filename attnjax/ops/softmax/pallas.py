@@ -19,6 +19,11 @@ from attnjax.ops.softmax.blockwise import BlockSizes
 from kernels_pallas import block_sparse, common, triton
 
 DEFAULT_BLOCKS = {"tpu": BlockSizes(512, 512), "gpu": BlockSizes(64, 64)}
+# A TPU row of q/k/v wider than this many bytes (head_dim 256 in float32) halves the default
+# tiles: the dk/dv kernel's double-buffered [512, 256] f32 blocks and [512, 512] temporaries
+# need 17 MiB, over v4's 16 MiB of VMEM (the smallest; the kernel checks its limit).
+TPU_WIDE_ROW_BYTES = 512
+TPU_WIDE_ROW_BLOCKS = BlockSizes(256, 256)
 KERNELS = {
   "tpu": block_sparse.tpu.block_sparse_attention,
   "gpu": block_sparse.gpu.block_sparse_attention,
@@ -64,7 +69,7 @@ def attention(
   """Same function and arguments as `reference.attention`, computed by the Pallas `kernel`
   ("tpu": Mosaic, "gpu": Triton)."""
   common.check_kernel(kernel)
-  blocks = block_sizes or DEFAULT_BLOCKS[kernel]
+  blocks = block_sizes or _default_blocks(kernel, q)
   if kernel == "gpu":  # Triton tiles are powers of two
     blocks = BlockSizes(
       min(blocks.block_q, common.next_power_of_two(shape.q_len, at_least=triton.MIN_DOT)),
@@ -85,6 +90,13 @@ def attention(
     sinks=sinks,
     interpret=interpret,
   )
+
+
+def _default_blocks(kernel: str, q) -> BlockSizes:
+  row_bytes = q.shape[-1] * q.dtype.itemsize
+  if kernel == "tpu" and row_bytes > TPU_WIDE_ROW_BYTES:
+    return TPU_WIDE_ROW_BLOCKS
+  return DEFAULT_BLOCKS[kernel]
 
 
 interpreted = functools.partial(attention, interpret=True)
