@@ -252,7 +252,7 @@ def _bad(**overrides):
     (_bad(sinks=jnp.zeros((3,))), "sinks must have shape"),
     (_bad(softcap=-1.0), "softcap"),
     (_bad(impl="cuda"), "impl must be one of"),
-    (_bad(impl="pallas"), "target TPU and GPU"),
+    (_bad(impl="pallas"), "impl='pallas'"),
     (_bad(q_offset=-1, mask=masks.causal()), "q_offset"),
   ],
 )
