@@ -338,12 +338,12 @@ def _first_supported(impls, args, kwargs):
 def on_platform(run_kernel: Callable[..., Any], otherwise: Callable[[], Any] | None = None):
   """`run_kernel(kernel=k)` for the platform the program is lowered for, else `otherwise()`.
 
-  A `jax.lax.platform_dependent` over the kernels this installation can compile
+  A `jax.lax.platform_dependent` over the kernels this process can compile
   (`kernels_pallas.common.compilable_kernels`): a program traced once lowers the Mosaic kernel
   for TPU, the Triton kernel for CUDA/ROCm and `otherwise` elsewhere. Only those kernels are
-  traced, so a CPU-only install traces `otherwise` alone. With `otherwise=None` a platform
-  without a kernel is an error: `Unsupported` at once when no kernel compiles here, else at
-  lowering, naming the platform.
+  traced, so a CPU process without compile-only TPU devices traces `otherwise` alone. With
+  `otherwise=None` a platform without a kernel is an error: `Unsupported` at once when no
+  kernel compiles here, else at lowering, naming the platform.
   """
   kernels = kernel_common.compilable_kernels()
   if not kernels:
@@ -351,8 +351,8 @@ def on_platform(run_kernel: Callable[..., Any], otherwise: Callable[[], Any] | N
       return otherwise()
     raise Unsupported(
       "impl='pallas': no Pallas kernel compiles on this installation (JAX backend "
-      f"{jax.default_backend()!r}; "
-      "kernels need a TPU or GPU backend, or libtpu / a CUDA plugin for compile-only devices); "
+      f"{jax.default_backend()!r}; kernels need a TPU or GPU backend, or compile-only devices "
+      "made before tracing: attnjax.aot.tpu_devices with libtpu, or a CUDA plugin); "
       "impl='pallas_interpret' runs the TPU kernel in the interpreter"
     )
   branches = {

@@ -9,6 +9,7 @@ import pkgutil
 from collections.abc import Callable
 
 import jax
+from jaxlib import xla_client
 
 # The platforms each kernel lowers for, as `jax.lax.platform_dependent` names them.
 PLATFORMS = {"tpu": ("tpu",), "gpu": ("cuda", "rocm")}
@@ -33,14 +34,20 @@ def check_kernel(kernel: str) -> str:
 
 
 def compilable_kernels() -> tuple[str, ...]:
-  """The kernels this installation can compile: those of JAX's default backend, plus "tpu"
-  where libtpu is installed and "gpu" where a CUDA or ROCm plugin is (both compile for
-  compile-only devices on a CPU host). A CPU-only install has none."""
+  """The kernels a program traced now may be compiled with: those of JAX's default backend,
+  plus "tpu" once this process has made compile-only TPU devices (libtpu's PJRT plugin is
+  initialized, as `jax.experimental.topologies.get_topology_desc` does) and "gpu" where a
+  CUDA or ROCm plugin is installed. A CPU process that never asks for TPU devices traces
+  no TPU kernel, even with libtpu installed."""
   backend = jax.default_backend()
-  kernels = {"tpu"} if backend == "tpu" or _has_module("libtpu") else set()
+  kernels = {"tpu"} if backend == "tpu" or _tpu_compiler_initialized() else set()
   if backend in ("gpu", "cuda", "rocm") or _gpu_plugin_installed():
     kernels.add("gpu")
   return tuple(k for k in KERNELS if k in kernels)
+
+
+def _tpu_compiler_initialized() -> bool:
+  return xla_client.pjrt_plugin_loaded("tpu") and xla_client.pjrt_plugin_initialized("tpu")
 
 
 @functools.cache

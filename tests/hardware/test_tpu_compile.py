@@ -16,9 +16,19 @@ from attnjax import aot, registry
 from benchmarks import tpu_compile
 from tests.helpers import TOL_BLOCKED_F32, assert_close, random_normal
 
-pytestmark = pytest.mark.skipif(
-  not aot.libtpu_installed(), reason="needs libtpu: pip install -r requirements-compile.txt"
-)
+pytestmark = [
+  pytest.mark.tpu_compile,
+  pytest.mark.skipif(
+    not aot.libtpu_installed(), reason="needs libtpu: pip install -r requirements-compile.txt"
+  ),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tpu_compiler():
+  """Compile-only TPU devices exist before any test traces: only then are TPU kernels traced."""
+  aot.tpu_devices("v5e:2x2")
+
 
 PUBLIC_OPS = {
   "dot_product_attention": functools.partial(
@@ -53,7 +63,7 @@ def test_public_ops_lower_their_mosaic_kernels_when_compiled_for_tpu(name, impl)
 
 
 @pytest.mark.parametrize("name", PUBLIC_OPS)
-def test_auto_lowers_xla_for_this_host_with_the_tpu_compiler_installed(name):
+def test_auto_lowers_xla_for_this_host_with_tpu_devices_made(name):
   q, k, v = _qkv(seq=77, heads=4, kv_heads=2, head_dim=16, dtype=jnp.float32)
   auto = jax.jit(_value_and_grads(functools.partial(PUBLIC_OPS[name], impl="auto")))
   assert not aot.custom_calls(auto.lower(q, k, v).compile())

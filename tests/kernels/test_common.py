@@ -28,7 +28,7 @@ def test_powers_of_two():
 
 
 @pytest.mark.parametrize(
-  "backend, libtpu, gpu_plugin, kernels",
+  "backend, tpu_compiler, gpu_plugin, kernels",
   [
     ("cpu", False, False, ()),
     ("cpu", True, False, ("tpu",)),
@@ -38,11 +38,11 @@ def test_powers_of_two():
     ("rocm", False, False, ("gpu",)),
   ],
 )
-def test_compilable_kernels_follow_backend_and_installed_compilers(
-  monkeypatch, backend, libtpu, gpu_plugin, kernels
+def test_compilable_kernels_follow_backend_and_compile_only_devices(
+  monkeypatch, backend, tpu_compiler, gpu_plugin, kernels
 ):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
-  monkeypatch.setattr(common, "_has_module", lambda name: libtpu and name == "libtpu")
+  monkeypatch.setattr(common, "_tpu_compiler_initialized", lambda: tpu_compiler)
   monkeypatch.setattr(common, "_gpu_plugin_installed", lambda: gpu_plugin)
   assert common.compilable_kernels() == kernels
 

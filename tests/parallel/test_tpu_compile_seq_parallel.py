@@ -14,6 +14,8 @@ from attnjax.nn.seq_parallel import SeqParallel
 if not aot.libtpu_installed():
   pytest.skip("pip install -r requirements-compile.txt", allow_module_level=True)
 
+pytestmark = pytest.mark.tpu_compile
+
 SEQ_LEN, VOCAB = 1024, 128
 # strategy -> (layer pattern, SeqParallel strategies)
 CASES = {

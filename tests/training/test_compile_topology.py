@@ -18,6 +18,8 @@ if not aot.libtpu_installed():
 from attnjax.training import compile_topology
 from tests.training.tiny import TINY_FLAGS, tiny_config
 
+pytestmark = pytest.mark.tpu_compile
+
 TOPOLOGY = "v5e:2x2"  # 4 chips
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -11,9 +11,10 @@ from attnjax import aot, masks
 from attnjax.ops.softmax.pallas import mask_info
 from kernels_pallas.block_sparse import tpu
 
-pytestmark = pytest.mark.skipif(
-  not aot.libtpu_installed(), reason="pip install -r requirements-compile.txt"
-)
+pytestmark = [
+  pytest.mark.tpu_compile,
+  pytest.mark.skipif(not aot.libtpu_installed(), reason="pip install -r requirements-compile.txt"),
+]
 
 
 @pytest.mark.parametrize("generation", ["v4", "v5e"])

@@ -17,9 +17,10 @@ from tests.kernels.chunked_linear.test_chunked_linear_tpu import (
   pallas_calls,
 )
 
-pytestmark = pytest.mark.skipif(
-  not aot.libtpu_installed(), reason="pip install -r requirements-compile.txt"
-)
+pytestmark = [
+  pytest.mark.tpu_compile,
+  pytest.mark.skipif(not aot.libtpu_installed(), reason="pip install -r requirements-compile.txt"),
+]
 
 # (decay kind, dtype): per-token scalar decay in bfloat16 (MXU scores), per-channel in float32.
 CASES = {"scalar-bf16": ("scalar", jnp.bfloat16), "vector-f32": ("vector", jnp.float32)}

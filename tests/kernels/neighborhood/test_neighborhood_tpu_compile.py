@@ -15,9 +15,10 @@ from tests.kernels.neighborhood.test_neighborhood_tpu import (
   pallas_calls,
 )
 
-pytestmark = pytest.mark.skipif(
-  not aot.libtpu_installed(), reason="pip install -r requirements-compile.txt"
-)
+pytestmark = [
+  pytest.mark.tpu_compile,
+  pytest.mark.skipif(not aot.libtpu_installed(), reason="pip install -r requirements-compile.txt"),
+]
 
 # (spatial, kernel_size, dilation, causal, dtype): 2-D dilated GQA in bfloat16, 1-D causal in
 # float32 (a length that is no multiple of the tile).
