@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -36,7 +35,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import common
+from kernels_pallas import common, tpu_memory
 from kernels_pallas.block_sparse.common import (
   FULL,
   PARTIAL,
@@ -52,7 +51,6 @@ LANES = 128
 SMEM_BYTES = 1 << 20  # every generation, v4 to TPU7x
 # A call's step table may take this much; the rest is left for sinks and Mosaic's own scalars.
 TABLE_SMEM_BYTES = 3 * SMEM_BYTES // 4
-MIN_VMEM_BYTES = 16 << 20  # v4's, the smallest VMEM of v4 to TPU7x
 KIND_BITS = 2  # EMPTY, PARTIAL, FULL
 
 
@@ -371,48 +369,32 @@ def _dkv_kernel(table_ref, *refs, st: _Static, layout: StepTable):
 # pallas_call wiring.
 
 
-def _vmem_tile_bytes(shape, dtype) -> int:
-  """VMEM bytes of an array: last dim padded to 128 lanes, second-last to whole sublane tiles."""
-  itemsize = jnp.dtype(dtype).itemsize
-  *lead, rows, cols = (1, *shape) if len(shape) == 1 else shape
-  sublanes = 8 * max(1, 4 // itemsize)
-  return math.prod(lead) * -(-rows // sublanes) * sublanes * -(-cols // LANES) * LANES * itemsize
-
-
-def vmem_limit_bytes(blocks, scratch, bq: int, bkv: int) -> int:
-  """The VMEM a call needs: its pipelined blocks twice (double-buffered), its scratch and four
-  float32 `[bq, bkv]` temporaries (logits, probabilities, their gradients), plus half for
-  Mosaic's own, in whole MiB; raises ValueError above `MIN_VMEM_BYTES`.
-
-  `blocks`, `scratch`: (shape, dtype) pairs, block shapes without squeezed dims.
-  """
-  need = 2 * sum(_vmem_tile_bytes(*b) for b in blocks)
-  need += sum(_vmem_tile_bytes(*s) for s in scratch) + 4 * _vmem_tile_bytes((bq, bkv), jnp.float32)
-  limit = -(-(need * 3 // 2) // (1 << 20)) << 20
-  if limit > MIN_VMEM_BYTES:
-    raise ValueError(
-      f"blocks of ({bq}, {bkv}) need {limit} bytes of VMEM, more than the {MIN_VMEM_BYTES} of "
-      f"the smallest TPU VMEM (v4); use smaller blocks"
-    )
-  return limit
-
-
-def _compiler_params(semantics, in_specs, out_specs, operands, out_shapes, scratch, st):
-  """Mosaic params with a VMEM limit from the call's VMEM blocks and scratch."""
-
-  def block_shapes(specs, arrays):
-    return [
-      (tuple(d for d in spec.block_shape if d is not pl.squeezed), array.dtype)
-      for spec, array in zip(specs, arrays, strict=True)
-      if spec.block_shape is not None
-    ]
-
-  blocks = block_shapes(in_specs, operands) + block_shapes(out_specs, out_shapes)
-  scratch_shapes = [(s.shape, s.dtype) for s in scratch]
-  return pltpu.CompilerParams(
-    dimension_semantics=semantics,
-    vmem_limit_bytes=vmem_limit_bytes(blocks, scratch_shapes, st.block_q, st.block_kv),
-  )
+def _pallas_call(kernel, st: _Static, *, grid, sequential, specs, inputs, cost, name):
+  """One Mosaic call over `grid` with its step table scalar-prefetched, its last `sequential`
+  dims accumulating ("arbitrary") and the others parallel. `specs` = (in_specs, out_specs,
+  out_shape, scratch), `inputs` = (step table, operands); the VMEM limit counts four float32
+  `[bq, bkv]` temporaries (logits, probabilities, their gradients)."""
+  in_specs, out_specs, out_shape, scratch = specs
+  table, operands = inputs
+  semantics = ("parallel",) * (len(grid) - sequential) + ("arbitrary",) * sequential
+  temporaries = 4 * tpu_memory.vmem_bytes((st.block_q, st.block_kv), jnp.float32)
+  return pl.pallas_call(
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1,
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      scratch_shapes=scratch,
+    ),
+    out_shape=out_shape,
+    compiler_params=tpu_memory.compiler_params(
+      semantics, in_specs, operands, out_specs, out_shape, scratch, temporaries
+    ),
+    cost_estimate=cost,
+    interpret=st.interpret,
+    name=name,
+  )(table, *operands)
 
 
 def _side_specs(st: _Static, q_block, kv_block, tile_block, with_sinks: bool):
@@ -545,26 +527,14 @@ def _forward_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, q_seg, 
   operands = [q, k, v, *_side_args(st, q_seg, kv_seg, tiles, sinks, True)]
   tiles_done = layout.computed * b * (1 if st.per_head else h)
   itemsize = q.dtype.itemsize
-  return pl.pallas_call(
+  return _pallas_call(
     functools.partial(_forward_kernel, st=st, layout=layout),
-    grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1,
-      grid=(b, h, layout.rows, layout.steps),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      scratch_shapes=scratch,
-    ),
-    out_shape=out_shape,
-    compiler_params=_compiler_params(
-      ("parallel", "parallel", "parallel", "arbitrary"),
-      in_specs,
-      out_specs,
-      operands,
-      out_shape,
-      scratch,
-      st,
-    ),  # fmt: skip
-    cost_estimate=_cost(
+    st,
+    grid=(b, h, layout.rows, layout.steps),
+    sequential=1,
+    specs=(in_specs, out_specs, out_shape, scratch),
+    inputs=(table, operands),
+    cost=_cost(
       tiles_done,
       d + dv,
       bq,
@@ -572,9 +542,8 @@ def _forward_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, q_seg, 
       bkv * (d + dv) * itemsize,
       b * h * rows * ((d + dv) * itemsize + 4),
     ),
-    interpret=st.interpret,
     name="block_sparse_fwd",
-  )(table, *operands)
+  )
 
 
 def _dq_call(st: _Static, tables: _Tables, q, k, v, do, lse, delta, q_seg, kv_seg):
@@ -626,36 +595,24 @@ def _dq_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, do, lse, del
   operands = [q, k, v, do, lse, delta, *_side_args(st, q_seg, kv_seg, tiles, None, False)]
   tiles_done = layout.computed * b * (1 if st.per_head else h)
   itemsize = q.dtype.itemsize
-  return pl.pallas_call(
+  (dq,) = _pallas_call(
     functools.partial(_dq_kernel, st=st, layout=layout),
-    grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1,
-      grid=(b, h, layout.rows, layout.steps),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      scratch_shapes=scratch,
-    ),
-    out_shape=out_shape,
-    compiler_params=_compiler_params(
-      ("parallel", "parallel", "parallel", "arbitrary"),
-      in_specs,
-      [out_specs],
-      operands,
-      [out_shape],
-      scratch,
-      st,
-    ),  # fmt: skip
-    cost_estimate=_cost(
+    st,
+    grid=(b, h, layout.rows, layout.steps),
+    sequential=1,
+    specs=(in_specs, [out_specs], [out_shape], scratch),
+    inputs=(table, operands),
+    cost=_cost(
       tiles_done,
       2 * d + dv,
       bq,
       bkv,
       bkv * (d + dv) * itemsize,
       b * h * rows * ((3 * d + dv) * itemsize + 8),
-    ),  # fmt: skip
-    interpret=st.interpret,
+    ),
     name="block_sparse_dq",
-  )(table, *operands)
+  )
+  return dq
 
 
 def _dkv_call(st: _Static, tables: _Tables, q, k, v, do, lse, delta, q_seg, kv_seg):
@@ -715,36 +672,23 @@ def _dkv_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, do, lse, de
   operands = [q, k, v, do, lse, delta, *_side_args(st, q_seg, kv_seg, tiles, None, False)]
   repeats = b * (1 if st.per_head else h)
   itemsize = q.dtype.itemsize
-  return pl.pallas_call(
+  return _pallas_call(
     functools.partial(_dkv_kernel, st=st, layout=layout),
-    grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1,
-      grid=(b, hk, layout.rows, st.groups, layout.steps),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      scratch_shapes=scratch,
-    ),
-    out_shape=out_shape,
-    compiler_params=_compiler_params(
-      ("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
-      in_specs,
-      out_specs,
-      operands,
-      out_shape,
-      scratch,
-      st,
-    ),  # fmt: skip
-    cost_estimate=_cost(
+    st,
+    grid=(b, hk, layout.rows, st.groups, layout.steps),
+    sequential=2,
+    specs=(in_specs, out_specs, out_shape, scratch),
+    inputs=(table, operands),
+    cost=_cost(
       layout.computed * repeats,
       2 * (d + dv),
       bq,
       bkv,
       bq * ((d + dv) * itemsize + 8),
       b * hk * rows * 2 * (d + dv) * itemsize,
-    ),  # fmt: skip
-    interpret=st.interpret,
+    ),
     name="block_sparse_dkv",
-  )(table, *operands)
+  )
 
 
 # ---------------------------------------------------------------------------------------------

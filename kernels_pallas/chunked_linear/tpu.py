@@ -33,15 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.chunked_linear.common import check_shapes, sum_groups, vmem_limit_bytes
+from kernels_pallas import tpu_memory
+from kernels_pallas.chunked_linear.common import check_shapes, sum_groups
 
 CHUNK_MULTIPLE = 16  # chunk granularity that tiles both float32 (8) and bfloat16 (16) sublanes
 # The smallest chunk the op runs on TPU: [C, C] score tiles fill the 128-wide MXU, and the
@@ -275,17 +274,16 @@ def _specs(q, k, v, g, chunk, *, reverse):
   )
 
 
-def _block_shape(spec):
-  return tuple(d for d in spec.block_shape if isinstance(d, int))
-
-
 def _compiler_params(in_specs, out_specs, operands, out_shape, state, temporaries):
   """Megacore-parallel batch and heads, sequential chunks; the VMEM limit of these blocks."""
-  blocks = [(_block_shape(s), x.dtype) for s, x in zip(in_specs, operands, strict=True)]
-  blocks += [(_block_shape(s), x.dtype) for s, x in zip(out_specs, out_shape, strict=True)]
-  return pltpu.CompilerParams(
-    dimension_semantics=("parallel", "parallel", "arbitrary"),
-    vmem_limit_bytes=vmem_limit_bytes(blocks, [(state, jnp.float32)], temporaries),
+  return tpu_memory.compiler_params(
+    ("parallel", "parallel", "arbitrary"),
+    in_specs,
+    operands,
+    out_specs,
+    out_shape,
+    [pltpu.VMEM(state, jnp.float32)],
+    temporaries,
   )
 
 
@@ -295,10 +293,6 @@ def _temporaries(st, key_dim, value_dim):
   chunk = st.chunk
   big = key_dim * chunk if st.vector else chunk * chunk
   return 4 * (4 * big + 6 * chunk * max(key_dim, value_dim) + 3 * key_dim * value_dim)
-
-
-def _nbytes(*arrays):
-  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in arrays)
 
 
 def _cost(st, q, v, *, passes, bytes_accessed):
@@ -311,6 +305,34 @@ def _cost(st, q, v, *, passes, bytes_accessed):
   flops += batch * heads * seq * chunk * (key_dim + value_dim) * score_passes
   exps = batch * heads * seq * (chunk * key_dim if st.vector else chunk)
   return pl.CostEstimate(flops=flops, transcendentals=exps, bytes_accessed=bytes_accessed)
+
+
+def _pallas_call(kernel, st, operands, specs, *, passes, bytes_accessed, name):
+  """One Mosaic call over the grid (batch, heads, chunks) with a float32 state scratch;
+  `specs` = (in_specs, out_specs, out_shape), `passes` as in `_cost`."""
+  in_specs, out_specs, out_shape = specs
+  q, v = operands[0], operands[2]
+  batch, heads, seq, key_dim = q.shape
+  value_dim = v.shape[3]
+  return pl.pallas_call(
+    kernel,
+    grid=(batch, heads, seq // st.chunk),
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    scratch_shapes=[pltpu.VMEM((key_dim, value_dim), jnp.float32)],
+    compiler_params=_compiler_params(
+      in_specs,
+      out_specs,
+      operands,
+      out_shape,
+      (key_dim, value_dim),
+      _temporaries(st, key_dim, value_dim),
+    ),  # fmt: skip
+    cost_estimate=_cost(st, q, v, passes=passes, bytes_accessed=bytes_accessed),
+    interpret=st.interpret,
+    name=name,
+  )(*operands)
 
 
 def _forward_call(st, q, k, v, g, initial_state, *, save_states):
@@ -334,31 +356,16 @@ def _forward_call(st, q, k, v, g, initial_state, *, save_states):
   out_specs.append(specs["state"])
   operands = (q, k, v, g, initial_state)
   in_specs = [specs["q"], specs["k"], specs["v"], specs["g"], specs["state"]]
-  return pl.pallas_call(
+  return _pallas_call(
     functools.partial(_forward_kernel, st=st, save_states=save_states),
-    grid=(batch, heads, seq // st.chunk),
-    in_specs=in_specs,
-    out_specs=out_specs,
-    out_shape=out_shape,
-    scratch_shapes=[pltpu.VMEM((key_dim, value_dim), jnp.float32)],
-    compiler_params=_compiler_params(
-      in_specs,
-      out_specs,
-      operands,
-      out_shape,
-      (key_dim, value_dim),
-      _temporaries(st, key_dim, value_dim),
-    ),  # fmt: skip
-    cost_estimate=_cost(
-      st,
-      q,
-      v,
-      passes=(2, 2),
-      bytes_accessed=_nbytes(q, g, initial_state, *out_shape) + groups * _nbytes(k, v),
-    ),  # fmt: skip
-    interpret=st.interpret,
+    st,
+    operands,
+    (in_specs, out_specs, out_shape),
+    passes=(2, 2),
+    bytes_accessed=tpu_memory.nbytes(q, g, initial_state, *out_shape)
+    + groups * tpu_memory.nbytes(k, v),
     name="chunked_linear_fwd_states" if save_states else "chunked_linear_fwd",
-  )(*operands)
+  )
 
 
 def _backward_call(st, q, k, v, g, states, d_out, d_final):
@@ -380,31 +387,16 @@ def _backward_call(st, q, k, v, g, states, d_out, d_final):
     jax.ShapeDtypeStruct(g.shape, jnp.float32),
     jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32),
   ]
-  return pl.pallas_call(
+  return _pallas_call(
     functools.partial(_backward_kernel, st=st),
-    grid=(batch, heads, seq // st.chunk),
-    in_specs=in_specs,
-    out_specs=out_specs,
-    out_shape=out_shape,
-    scratch_shapes=[pltpu.VMEM((key_dim, value_dim), jnp.float32)],
-    compiler_params=_compiler_params(
-      in_specs,
-      out_specs,
-      operands,
-      out_shape,
-      (key_dim, value_dim),
-      _temporaries(st, key_dim, value_dim),
-    ),  # fmt: skip
-    cost_estimate=_cost(
-      st,
-      q,
-      v,
-      passes=(6, 5),
-      bytes_accessed=_nbytes(q, g, states, d_out, d_final, *out_shape) + groups * _nbytes(k, v),
-    ),  # fmt: skip
-    interpret=st.interpret,
+    st,
+    operands,
+    (in_specs, out_specs, out_shape),
+    passes=(6, 5),
+    bytes_accessed=tpu_memory.nbytes(q, g, states, d_out, d_final, *out_shape)
+    + groups * tpu_memory.nbytes(k, v),
     name="chunked_linear_bwd",
-  )(*operands)
+  )
 
 
 # ---------------------------------------------------------------------------------------------

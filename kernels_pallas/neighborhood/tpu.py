@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import common
-from kernels_pallas.chunked_linear.common import vmem_limit_bytes
+from kernels_pallas import common, tpu_memory
 from kernels_pallas.neighborhood.common import NN, NT, TileSchedule, check_call
 
 LANES = 128  # m and l scratch rows are lane-replicated: [T, 128], not [T, 1] columns
@@ -251,23 +249,35 @@ def _specs_over_kv_lists(st: _Static, groups, head_dim, value_dim):
   return group_rows, step_specs
 
 
-def _block_shape(spec):
-  return tuple(d for d in spec.block_shape if isinstance(d, int))
-
-
-def _compiler_params(semantics, specs, arrays, scratch, tile, width):
-  """`dimension_semantics` and the VMEM limit of these blocks (double-buffered) and scratch,
-  with a few live [T, T] and [T, width] float32 values."""
-  blocks = [(_block_shape(spec), x.dtype) for spec, x in zip(specs, arrays, strict=True)]
+def _pallas_call(kernel, st: _Static, *, grid, sequential, specs, inputs, width, cost, name):
+  """One Mosaic call over `grid` with scalar-prefetched tables, its last `sequential` dims
+  accumulating ("arbitrary") and the others parallel. `specs` = (in_specs, out_specs,
+  out_shape, scratch `(shape, dtype)`s), `inputs` = (prefetched tables, operands); the VMEM
+  limit counts a few live [T, T] and [T, `width`] float32 values."""
+  in_specs, out_specs, out_shape, scratch = specs
+  prefetch, operands = inputs
+  tile = st.schedule.tile_size
+  semantics = ("parallel",) * (len(grid) - sequential) + ("arbitrary",) * sequential
+  blocks = tpu_memory.spec_blocks([*in_specs, *out_specs], [*operands, *out_shape])
   temporaries = 4 * (6 * tile * tile + 4 * tile * width)
-  return pltpu.CompilerParams(
-    dimension_semantics=semantics,
-    vmem_limit_bytes=vmem_limit_bytes(blocks, scratch, temporaries),
-  )
-
-
-def _nbytes(*arrays):
-  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in arrays)
+  return pl.pallas_call(
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=len(prefetch),
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM(shape, dtype) for shape, dtype in scratch],
+    ),
+    out_shape=out_shape,
+    compiler_params=pltpu.CompilerParams(
+      dimension_semantics=semantics,
+      vmem_limit_bytes=tpu_memory.vmem_limit_bytes(blocks, scratch, temporaries),
+    ),
+    cost_estimate=cost,
+    interpret=st.interpret,
+    name=name,
+  )(*prefetch, *operands)
 
 
 def _cost(st: _Static, q, *, transposed, contracted, step_bytes, call_bytes):
@@ -305,35 +315,24 @@ def _forward_call(st: _Static, q, k, v):
   out_specs = [group_rows(value_dim), group_rows(1)]
   scratch = [((groups, tile, LANES), jnp.float32)] * 2 + [((groups, tile, value_dim), jnp.float32)]
   operands = (_by_group(q, kv_heads), k, v, mask_table)
-  out, lse = pl.pallas_call(
+  out, lse = _pallas_call(
     functools.partial(_forward_kernel, st=st),
-    grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=3,
-      grid=(batch, kv_heads, st.schedule.num_tiles, st.schedule.kv_tiles.shape[1]),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      scratch_shapes=[pltpu.VMEM(shape, dtype) for shape, dtype in scratch],
-    ),
-    out_shape=out_shape,
-    compiler_params=_compiler_params(
-      ("parallel", "parallel", "parallel", "arbitrary"),
-      in_specs + out_specs,
-      [*operands, *out_shape],
-      scratch,
-      tile,
-      max(head_dim, value_dim),
-    ),  # fmt: skip
-    cost_estimate=_cost(
+    st,
+    grid=(batch, kv_heads, st.schedule.num_tiles, st.schedule.kv_tiles.shape[1]),
+    sequential=1,
+    specs=(in_specs, out_specs, out_shape, scratch),
+    inputs=(prefetch, operands),
+    width=max(head_dim, value_dim),
+    cost=_cost(
       st,
       q,
       transposed=False,
       contracted=head_dim + value_dim,
       step_bytes=_kv_step_bytes(st, k, v, kv_heads),
-      call_bytes=_nbytes(q, *out_shape),
-    ),  # fmt: skip
-    interpret=st.interpret,
+      call_bytes=tpu_memory.nbytes(q, *out_shape),
+    ),
     name="neighborhood_fwd",
-  )(*prefetch, *operands)
+  )
   return _by_head(out), _by_head(lse)
 
 
@@ -356,35 +355,24 @@ def _dq_call(st: _Static, q, k, v, d_out, lse, delta):
   operands = (
     _by_group(q, kv_heads), k, v, mask_table, *(_by_group(x, kv_heads) for x in (d_out, lse, delta))
   )  # fmt: skip
-  d_q = pl.pallas_call(
+  (d_q,) = _pallas_call(
     functools.partial(_dq_kernel, st=st),
-    grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=3,
-      grid=(batch, kv_heads, st.schedule.num_tiles, st.schedule.kv_tiles.shape[1]),
-      in_specs=in_specs,
-      out_specs=group_rows(head_dim),
-      scratch_shapes=[pltpu.VMEM(shape, dtype) for shape, dtype in scratch],
-    ),
-    out_shape=out_shape,
-    compiler_params=_compiler_params(
-      ("parallel", "parallel", "parallel", "arbitrary"),
-      [*in_specs, group_rows(head_dim)],
-      [*operands, out_shape],
-      scratch,
-      tile,
-      max(head_dim, value_dim),
-    ),  # fmt: skip
-    cost_estimate=_cost(
+    st,
+    grid=(batch, kv_heads, st.schedule.num_tiles, st.schedule.kv_tiles.shape[1]),
+    sequential=1,
+    specs=(in_specs, [group_rows(head_dim)], [out_shape], scratch),
+    inputs=(prefetch, operands),
+    width=max(head_dim, value_dim),
+    cost=_cost(
       st,
       q,
       transposed=False,
       contracted=2 * head_dim + value_dim,
       step_bytes=_kv_step_bytes(st, k, v, kv_heads),
-      call_bytes=_nbytes(q, d_out, lse, delta, out_shape),
-    ),  # fmt: skip
-    interpret=st.interpret,
+      call_bytes=tpu_memory.nbytes(q, d_out, lse, delta, out_shape),
+    ),
     name="neighborhood_dq",
-  )(*prefetch, *operands)
+  )
   return _by_head(d_q)
 
 
@@ -427,35 +415,24 @@ def _dkv_call(st: _Static, q, k, v, d_out, lse, delta):
   scratch = [((tile, head_dim), jnp.float32), ((tile, value_dim), jnp.float32)]
   operands = (q, k, v, mask_table, d_out, _as_rows(lse, tile), _as_rows(delta, tile))
   itemsize = q.dtype.itemsize
-  return pl.pallas_call(
+  return _pallas_call(
     functools.partial(_dkv_kernel, st=st),
-    grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=3,
-      grid=(batch, kv_heads, st.schedule.num_tiles, groups, steps),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      scratch_shapes=[pltpu.VMEM(shape, dtype) for shape, dtype in scratch],
-    ),
-    out_shape=out_shape,
-    compiler_params=_compiler_params(
-      ("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
-      in_specs + out_specs,
-      [*operands, *out_shape],
-      scratch,
-      tile,
-      max(head_dim, value_dim),
-    ),  # fmt: skip
-    cost_estimate=_cost(
+    st,
+    grid=(batch, kv_heads, st.schedule.num_tiles, groups, steps),
+    sequential=2,
+    specs=(in_specs, out_specs, out_shape, scratch),
+    inputs=(prefetch, operands),
+    width=max(head_dim, value_dim),
+    cost=_cost(
       st,
       q,
       transposed=True,
       contracted=2 * (head_dim + value_dim),
       step_bytes=q.shape[1] * tile * ((head_dim + value_dim) * itemsize + 8 + tile),
-      call_bytes=_nbytes(k, v, *out_shape),
-    ),  # fmt: skip
-    interpret=st.interpret,
+      call_bytes=tpu_memory.nbytes(k, v, *out_shape),
+    ),
     name="neighborhood_dkv",
-  )(*prefetch, *operands)
+  )
 
 
 # ---------------------------------------------------------------------------------------------

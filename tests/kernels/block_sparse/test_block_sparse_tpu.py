@@ -170,14 +170,6 @@ def test_mask_tile_ids_are_carried_over_non_partial_steps():
   )
 
 
-def test_vmem_limit_counts_double_buffered_blocks_scratch_and_temporaries():
-  # 2 x 32 KiB bf16 block + 64 KiB scratch + 4 x 64 KiB f32 temporaries, plus half: 1 MiB
-  limit = tpu.vmem_limit_bytes([((128, 128), jnp.bfloat16)], [((128, 128), jnp.float32)], 128, 128)
-  assert limit == 1 << 20
-  with pytest.raises(ValueError, match="smallest TPU VMEM"):
-    tpu.vmem_limit_bytes([], [], 2048, 2048)
-
-
 def test_interpreter_fetches_a_mask_tile_only_when_the_tile_changes():
   """Counted in the TPU interpreter: within a row a tile is fetched only where the step table
   names another tile; a row's first step may fetch once more (the interpreter visits the

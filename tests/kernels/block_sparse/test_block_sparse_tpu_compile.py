@@ -9,6 +9,7 @@ import pytest
 
 from attnjax import aot, masks
 from attnjax.ops.softmax.pallas import mask_info
+from kernels_pallas import tpu_memory
 from kernels_pallas.block_sparse import tpu
 
 pytestmark = [
@@ -36,9 +37,9 @@ def test_causal_forward_and_gradient_compile(generation):
 
 
 def test_smallest_vmem_is_the_kernels_limit():
-  """`MIN_VMEM_BYTES`, which every call's `vmem_limit_bytes` stays under, is the smallest VMEM
-  of the generations compiled for."""
+  """`tpu_memory.smallest_tpu_vmem_bytes()` (Pallas' tables), which every call's
+  `vmem_limit_bytes` stays under, is the compiler's smallest VMEM of the generations."""
   vmem = {g: aot.chip_memory(aot.tpu_devices(t)[0]).vmem for g, t in aot.GENERATIONS.items()}
-  assert min(vmem.values()) == tpu.MIN_VMEM_BYTES
+  assert min(vmem.values()) == tpu_memory.smallest_tpu_vmem_bytes()
   smem = {g: aot.chip_memory(aot.tpu_devices(t)[0]).smem for g, t in aot.GENERATIONS.items()}
   assert set(smem.values()) == {tpu.SMEM_BYTES}

@@ -13,7 +13,8 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from attnjax.ops.linear import pallas, reference
-from kernels_pallas.chunked_linear import common, tpu
+from kernels_pallas import tpu_memory
+from kernels_pallas.chunked_linear import tpu
 from kernels_pallas.chunked_linear.tpu import BlockSizes, linear_attention
 from tests.helpers import TOL_BLOCKED_F32, assert_matches_reference
 
@@ -123,7 +124,7 @@ def test_every_call_sets_its_vmem_limit_and_cost():
   assert len(calls) == 2
   for call in calls:
     limit = call.params["compiler_params"].vmem_limit_bytes
-    assert common.MOSAIC_HEADROOM_BYTES < limit <= common.smallest_tpu_vmem_bytes()
+    assert tpu_memory.MOSAIC_HEADROOM_BYTES < limit <= tpu_memory.smallest_tpu_vmem_bytes()
     cost = call.params["cost_estimate"]
     assert cost.flops > 0 and cost.transcendentals > 0 and cost.bytes_accessed > 0
 
@@ -132,9 +133,3 @@ def test_blocks_over_the_smallest_vmem_raise():
   shapes = operand_shapes(seq=2048, key_dim=512, value_dim=512)
   with pytest.raises(ValueError, match="vmem_limit_bytes=.* exceeds the 16777216 bytes"):
     jax.eval_shape(kernel_call(BlockSizes(2048)), *shapes)
-
-
-def test_vmem_bytes_pad_to_whole_tiles():
-  assert common.vmem_bytes((128, 1), jnp.float32) == 128 * 128 * 4
-  assert common.vmem_bytes((2, 20, 130), jnp.bfloat16) == 2 * 32 * 256 * 2
-  assert common.vmem_bytes((5,), jnp.int32) == 8 * 128 * 4

@@ -12,7 +12,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from attnjax.ops.neighborhood import BlockSizes, reference, window
 from attnjax.ops.neighborhood.pallas import fused_attention
-from kernels_pallas.chunked_linear.common import smallest_tpu_vmem_bytes
+from kernels_pallas.tpu_memory import smallest_tpu_vmem_bytes
 from tests.helpers import assert_close, random_normal
 
 WINDOWS_2D = (window.Neighborhood(5), window.Neighborhood(3, dilation=2, is_causal=True))
