@@ -18,6 +18,7 @@ from attnjax.nn.attention import resolve_heads
 from attnjax.nn.norm import RMSNorm
 from attnjax.nn.params import fan_in_init, param
 from attnjax.nn.rope import apply_rope
+from attnjax.nn.seq_parallel import SeqParallel, token_positions, variant_op
 
 
 class LocalAttention(nnx.Module):
@@ -51,6 +52,7 @@ class LocalAttention(nnx.Module):
     impl: str = "auto",
     dtype=jnp.float32,
     local_context: int = 0,
+    seq_parallel: SeqParallel | None = None,
     **variant_options,
   ):
     num_kv_heads, head_dim = resolve_heads(embed_dim, num_heads, num_kv_heads, head_dim)
@@ -72,6 +74,7 @@ class LocalAttention(nnx.Module):
     self.impl = impl
     self.rope_base = rope_base
     self.dtype = dtype
+    self.seq_parallel = seq_parallel
     if spatial_shape is None and variant == "neighborhood":
       variant_options.setdefault("causal", True)
     self.variant_options = tuple(sorted(variant_options.items()))  # static, hashable
@@ -128,11 +131,12 @@ class LocalAttention(nnx.Module):
       jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype)) for w in (self.q, self.k, self.v)
     )
     if self.use_rope:
-      positions = jnp.arange(x.shape[1])
+      positions = token_positions(x.shape[1], self.seq_parallel)
       q = apply_rope(q, positions, base=self.rope_base)
       k = apply_rope(k, positions, base=self.rope_base)
     q, k, v = (t.reshape(t.shape[0], *spatial, *t.shape[2:]) for t in (q, k, v))
-    out = registry.get(self.variant)(q, k, v, impl=self.impl, **dict(self.variant_options))
+    op = variant_op(self.variant, self.seq_parallel)
+    out = op(q, k, v, impl=self.impl, **dict(self.variant_options))
     if self.lce is not None:
       out = out + self._local_context(v, q.shape[-2]).astype(out.dtype)
     out = out.reshape(x.shape[0], x.shape[1], *out.shape[-2:])
@@ -160,6 +164,7 @@ class MultiAxisAttention(nnx.Module):
     window_size: int | tuple[int, ...] = 7,
     impl: str = "auto",
     dtype=jnp.float32,
+    seq_parallel: SeqParallel | None = None,
   ):
     shared = dict(
       num_heads=num_heads,
@@ -171,6 +176,7 @@ class MultiAxisAttention(nnx.Module):
       window_size=window_size,
       impl=impl,
       dtype=dtype,
+      seq_parallel=seq_parallel,
     )
     self.block = LocalAttention(embed_dim, partition="block", **shared)
     self.grid_norm = RMSNorm(embed_dim, rngs=rngs)

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnjax import registry
 from attnjax.nn.attention import Attention, resolve_heads
 from attnjax.nn.params import fan_in_init, param
 from attnjax.nn.rope import apply_rope
+from attnjax.nn.seq_parallel import SeqParallel, token_positions, variant_op
 from attnjax.ops import moh_route
 
 AUX_LOSS = "aux_loss"  # name of the sown `nnx.Intermediate` the trainer adds to the loss
@@ -192,10 +192,12 @@ class AarenAttention(nnx.Module):
     rngs: nnx.Rngs,
     impl: str = "auto",
     dtype=jnp.float32,
+    seq_parallel: SeqParallel | None = None,
   ):
     num_kv_heads, head_dim = resolve_heads(embed_dim, num_heads, num_kv_heads, head_dim)
     self.variant = variant
     self.impl = impl
+    self.seq_parallel = seq_parallel
     self.dtype = dtype
     self.query = param(
       rngs, nnx.initializers.normal(1.0), (num_heads, head_dim), ("heads", "head_dim")
@@ -213,7 +215,8 @@ class AarenAttention(nnx.Module):
     x = x.astype(self.dtype)
     k, v = (jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype)) for w in (self.k, self.v))
     q = jnp.broadcast_to(self.query[...].astype(self.dtype), (x.shape[0], 1, *self.query.shape))
-    out = registry.get(self.variant)(q, k, v, segment_ids=segment_ids, impl=self.impl)
+    op = variant_op(self.variant, self.seq_parallel)
+    out = op(q, k, v, segment_ids=segment_ids, impl=self.impl)
     return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))
 
 
@@ -244,6 +247,7 @@ class DiffQKVAttention(nnx.Module):
     rope_base: float = 10_000.0,
     impl: str = "auto",
     dtype=jnp.float32,
+    seq_parallel: SeqParallel | None = None,
   ):
     num_v_heads, head_dim = resolve_heads(embed_dim, num_heads, num_kv_heads, head_dim)
     if num_k_heads is None:
@@ -261,6 +265,7 @@ class DiffQKVAttention(nnx.Module):
     self.impl = impl
     self.rope_base = rope_base
     self.dtype = dtype
+    self.seq_parallel = seq_parallel
     q_dim = key_dim if q_aug_dim is None else q_aug_dim
     self.q = param(rngs, fan_in_init(), (embed_dim, num_heads, q_dim), ("embed", "heads", None))
     self.q_aug = (
@@ -292,10 +297,11 @@ class DiffQKVAttention(nnx.Module):
     )
     if self.q_aug is not None:
       q = jnp.einsum("bthe,hek->bthk", q, self.q_aug[...].astype(self.dtype))
-    positions = jnp.arange(x.shape[1])
+    positions = token_positions(x.shape[1], self.seq_parallel)
     q = apply_rope(q, positions, base=self.rope_base)
     k = apply_rope(k, positions, base=self.rope_base)
-    out = registry.get(self.variant)(q, k, v, segment_ids=segment_ids, impl=self.impl)
+    op = variant_op(self.variant, self.seq_parallel)
+    out = op(q, k, v, segment_ids=segment_ids, impl=self.impl)
     return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))
 
 
@@ -437,6 +443,7 @@ class GaussianAttention(nnx.Module):
     eps: float = 1e-5,
     impl: str = "auto",
     dtype=jnp.float32,
+    seq_parallel: SeqParallel | None = None,
   ):
     _, head_dim = resolve_heads(embed_dim, num_heads, num_kv_heads, head_dim)
     self.variant = variant
@@ -444,6 +451,7 @@ class GaussianAttention(nnx.Module):
     self.eps = eps
     self.impl = impl
     self.dtype = dtype
+    self.seq_parallel = seq_parallel
     self.v = param(
       rngs, fan_in_init(), (embed_dim, num_heads, head_dim), ("embed", "heads", "head_dim")
     )
@@ -459,7 +467,7 @@ class GaussianAttention(nnx.Module):
       raise ValueError(f"x must be [batch, seq, embed={self.v.shape[0]}], got shape {x.shape}")
     x = x.astype(self.dtype)
     v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(self.dtype))
-    out = registry.get(self.variant)(
+    out = variant_op(self.variant, self.seq_parallel)(
       v,
       self.mean_offset[...],
       jnp.exp(self.log_var_scale[...]),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +29,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from attnjax import data, nn, registry
+from attnjax import data, nn
 from attnjax.data import text
 from attnjax.data.shapes import Shapes
 from attnjax.nn.seq_parallel import SeqParallel
@@ -62,30 +61,14 @@ class DataKind:
   validate: Callable[[ml_collections.ConfigDict], None]
 
 
-def _mixers_take_context(config: ml_collections.ConfigDict) -> bool:
-  """Whether every layer's mixer class (or a base it forwards to) takes `seq_parallel`."""
-  names = nn.parse_layer_pattern(config.model.layer_pattern, config.model.depth)
-  return all(
-    any(
-      "seq_parallel" in inspect.signature(cls.__init__).parameters
-      for cls in registry.mixer_class(name).__mro__
-      if "__init__" in vars(cls)
-    )
-    for name in set(names)
-  )
-
-
 def seq_parallel(config: ml_collections.ConfigDict, mesh) -> SeqParallel | None:
   """The mixers' parallel context on `mesh`: None on one device.
 
   With mesh axis `seq` split, the mixers run their ops sequence-parallel with the strategies of
-  `config.parallel`; otherwise per shard of the batch (Pallas kernels compile only there), if
-  every layer's mixer takes a context (else None: ops on global arrays, as on one device). The
+  `config.parallel`; otherwise per shard of the batch (Pallas kernels compile only there). The
   batch stays split over the mesh axes that `mesh.rules` gives the logical axis `batch`.
   """
   if mesh is None or mesh.size == 1:
-    return None
-  if mesh.shape["seq"] == 1 and not _mixers_take_context(config):
     return None
   batch = dict(config.mesh.rules).get("batch")
   batch_axes = None if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)

@@ -3,8 +3,10 @@
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
-from attnjax import masks, registry
+from attnjax import masks, nn, registry
+from attnjax.nn.seq_parallel import SeqParallel
 from attnjax.ops import dot_product_attention, linear_attention
 from attnjax.parallel.per_shard import per_shard
 from tests.helpers import assert_close, random_normal, value_and_grads
@@ -78,3 +80,38 @@ def test_output_without_batch_dim_raises():
   attn = per_shard(lambda q, k, v: jnp.mean(q), _mesh(), ("data",))
   with pytest.raises(ValueError, match=r"output of shape \(\)"):
     jax.jit(attn)(q, k, v)
+
+
+@pytest.mark.parametrize(
+  "pattern, mixer_options",
+  [
+    ("aaren", None),
+    ("diffqkv", None),
+    ("gaussian", None),
+    ("neighborhood", {"neighborhood": {"kernel_size": 5}}),
+    ("maxvit", {"maxvit": {"spatial_shape": (4, 4), "window_size": 2}}),
+  ],
+)
+def test_model_mixers_run_their_op_per_batch_shard(pattern, mixer_options):
+  """A DecoderLM on a data=8 x seq=1 mesh calls each mixer's op under `shard_map`, and its
+  logits equal those of the same model without the context."""
+  mesh = jax.make_mesh((8, 1), ("data", "seq"), axis_types=(AUTO, AUTO))
+
+  def build(seq_parallel):
+    return nn.DecoderLM(
+      vocab_size=32,
+      embed_dim=32,
+      depth=1,
+      mlp_dim=64,
+      num_heads=4,
+      num_kv_heads=2,
+      layer_pattern=pattern,
+      mixer_options=mixer_options,
+      seq_parallel=seq_parallel,
+      rngs=nnx.Rngs(0),
+    )
+
+  sharded, plain = build(SeqParallel(mesh, batch_axes=("data",))), build(None)
+  tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, 32)
+  assert "shard_map" in str(jax.make_jaxpr(lambda t: sharded(t))(tokens))
+  assert_close(nnx.jit(lambda m, t: m(t))(sharded, tokens), plain(tokens), TOL, pattern)

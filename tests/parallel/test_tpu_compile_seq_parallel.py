@@ -1,5 +1,6 @@
 """Every sequence-parallel strategy compiles for TPU v5e inside a DecoderLM, forward and
-backward, with the Mosaic kernel per shard: a seq axis of 4 compile-only devices (libtpu)."""
+backward, with the Mosaic kernel per shard: a seq axis of 4 compile-only devices (libtpu);
+and data-parallel mixers (no sequence split) compile with their kernels per batch shard."""
 
 import jax
 import jax.numpy as jnp
@@ -28,14 +29,16 @@ CASES = {
 }
 
 
-def _seq_mesh() -> jax.sharding.Mesh:
-  devices = np.array(aot.tpu_devices("v5e:2x2"))
-  return jax.sharding.Mesh(devices, ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
+def _mesh(data: int, seq: int) -> jax.sharding.Mesh:
+  devices = np.array(aot.tpu_devices("v5e:2x2")).reshape(data, seq)
+  auto = jax.sharding.AxisType.Auto
+  return jax.sharding.Mesh(devices, ("data", "seq"), axis_types=(auto, auto))
 
 
-def _compile_train_step(pattern: str, strategies: dict):
-  """A bfloat16 DecoderLM's loss and gradients on `[1, SEQ_LEN]` tokens split over `seq`."""
-  mesh = _seq_mesh()
+def _compile_train_step(pattern: str, strategies: dict, data: int = 1, mixer_options=None):
+  """A bfloat16 DecoderLM's loss and gradients on `[data, SEQ_LEN]` tokens over 4 devices:
+  the batch split over `data`, the sequence over the other `4 // data`."""
+  mesh = _mesh(data, 4 // data)
 
   def build():
     return nn.DecoderLM(
@@ -48,14 +51,15 @@ def _compile_train_step(pattern: str, strategies: dict):
       mlp_dim=0,
       layer_pattern=pattern,
       dtype=jnp.bfloat16,
-      seq_parallel=SeqParallel(mesh, **strategies),
+      seq_parallel=SeqParallel(mesh, **strategies, batch_axes=("data",)),
+      mixer_options=mixer_options,
       rngs=nnx.Rngs(0),
     )
 
   graph, params = nnx.split(nnx.eval_shape(build))
   params = aot.abstract(params, NamedSharding(mesh, PartitionSpec()))
   tokens = jax.ShapeDtypeStruct(
-    (1, SEQ_LEN), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec(None, "seq"))
+    (data, SEQ_LEN), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec("data", "seq"))
   )
 
   def loss(params, tokens):
@@ -68,4 +72,15 @@ def _compile_train_step(pattern: str, strategies: dict):
 @pytest.mark.parametrize("strategy", list(CASES))
 def test_strategy_compiles_for_tpu_with_the_kernel_per_shard(strategy):
   calls = aot.custom_calls(_compile_train_step(*CASES[strategy]))
+  assert calls["tpu_custom_call"] > 0, calls
+
+
+@pytest.mark.parametrize(
+  "pattern, mixer_options",
+  [("diffqkv", None), ("neighborhood", {"neighborhood": {"kernel_size": 127}})],
+)
+def test_data_parallel_mixers_compile_for_tpu_with_the_kernel_per_shard(pattern, mixer_options):
+  """The batch over 4 devices, no sequence split: the ops run per shard, where Mosaic
+  compiles (a kernel on GSPMD-partitioned global arrays does not)."""
+  calls = aot.custom_calls(_compile_train_step(pattern, {}, data=4, mixer_options=mixer_options))
   assert calls["tpu_custom_call"] > 0, calls
