@@ -7,10 +7,16 @@ EMPTY tiles are never fetched or computed (grid steps past a row's count do noth
 the padded ids repeat the last one, copy nothing). The online softmax (FlashAttention-2, Dao
 2023) keeps its running max / sum in VMEM scratch replicated over the 128 lanes.
 
+GQA: with a mask shared by the heads, a forward / dq q block holds several query heads of one
+kv head's group (all of them when `MAX_GROUP_ROWS` and VMEM allow), flattened into one
+`[heads * bq, d]` matmul operand, so each K/V tile is fetched once for all of them.
+
 Backward recomputes probabilities from the saved log-sum-exp: the dq kernel walks the forward
 lists; the dk/dv kernel walks the transposed lists (per kv block, the query blocks that see
-it) and loops over the query heads of a GQA group in the grid, so K/V are never repeated.
-Matmul operands stay in the input dtype (bf16 on the MXU), accumulating in float32.
+it) and loops over the query heads of a GQA group in the grid, so K/V are never repeated. It
+computes transposed tiles `[bkv, bq]`, so the per-step lse, delta and query ids are lane-dense
+rows and both of its gradient matmuls take untransposed operands. Matmul operands stay in the
+input dtype (bf16 on the MXU), accumulating in float32.
 
 Each kernel reads one scalar-prefetched step table (`StepTable`): per grid step one int32
 packing the step's kind, its block and the mask tile to have in VMEM. That tile is carried
@@ -18,8 +24,10 @@ forward over FULL / EMPTY steps, so a partial tile is fetched only when the next
 needs another one. The tables must fit SMEM (1 MiB on every generation): a call whose table
 does not is split into calls over consecutive row ranges, each table under `TABLE_SMEM_BYTES`.
 
-Layout inside: `[batch, heads, seq, dim]` (the wrapper transposes), lse / delta as
-`[batch, heads, seq, 1]` columns, query segment ids `[batch, seq, 1]`, kv ids `[batch, 1, seq]`.
+Layout inside: `[batch, heads, seq, dim]` (the wrapper transposes); lse / delta as
+`[batch, heads, seq, 1]` columns for the forward and dq kernels (read once per query row) and
+`[batch, heads, 1, seq]` rows for dk/dv; a tile's row segment ids as a `[batch, seq, 1]`
+column, its column ids as a `[batch, 1, seq]` row.
 Mosaic kernels are not auto-partitioned: inside `shard_map` they run on each shard.
 """
 
@@ -52,18 +60,20 @@ SMEM_BYTES = 1 << 20  # every generation, v4 to TPU7x
 # A call's step table may take this much; the rest is left for sinks and Mosaic's own scalars.
 TABLE_SMEM_BYTES = 3 * SMEM_BYTES // 4
 KIND_BITS = 2  # EMPTY, PARTIAL, FULL
+# Rows of a forward / dq q block holding several query heads of a GQA group (heads x block_q).
+MAX_GROUP_ROWS = 1024
 
 
 def check_block_sizes(block_sizes: BlockSizes, q_len_padded: int, kv_len_padded: int) -> None:
   """Raises ValueError unless the tiles satisfy Mosaic's (8, 128) block-shape rule.
 
-  `block_q % 32 == 0` (8 for float32 rows, 32 for the int8 mask tiles) and
+  `block_q % 128 == 0` (the dk/dv kernel's transposed tiles put query rows on lanes) and
   `block_kv % 128 == 0`, or one block spans the whole padded length.
   """
-  if block_sizes.block_q % 32 and block_sizes.block_q != q_len_padded:
+  if block_sizes.block_q % 128 and block_sizes.block_q != q_len_padded:
     raise ValueError(
-      f"block_q={block_sizes.block_q} must be a multiple of 32 on TPU (8 for f32 rows, 32 for "
-      f"the int8 mask tiles) or equal the padded q length {q_len_padded}"
+      f"block_q={block_sizes.block_q} must be a multiple of 128 on TPU (the dk/dv kernel puts "
+      f"query rows on lanes) or equal the padded q length {q_len_padded}"
     )
   if block_sizes.block_kv % 128 and block_sizes.block_kv != kv_len_padded:
     raise ValueError(
@@ -210,53 +220,81 @@ def table_smem_bytes(info: MaskInfo, heads: int, kv_heads: int) -> dict[str, lis
 # Kernel bodies.
 
 
-def _logits(st: _Static, q, k):
-  """Scaled (and capped) logits `[bq, bkv]` in float32, and the cap's tanh for the backward."""
-  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  s = s * st.scale
+def _matmul(a, b, contracting):
+  """float32-accumulated `a . b` over `contracting` (lhs axis, rhs axis), operands as given."""
+  return jax.lax.dot_general(a, b, (contracting, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _logits(st: _Static, rows, cols):
+  """Scaled (and capped) logits `rows . cols^T` in float32: `[bq, bkv]` from (q, k), or the
+  transpose `[bkv, bq]` from (k, q); and the cap's tanh for the backward."""
+  s = _matmul(rows, cols, ((1,), (1,))) * st.scale
   if st.softcap is None:
     return s, None
   capped = jnp.tanh(s / st.softcap)
   return st.softcap * capped, capped
 
 
-def _allowed(st: _Static, apply_tile: bool, tile_ref, q_seg_ref, kv_seg_ref):
-  """Boolean `[bq, bkv]` of allowed pairs, or None when everything is allowed."""
+def _stacked(x, heads: int):
+  """`x` repeated `heads` times along its rows: one copy per query head of a grouped q block."""
+  return x if heads == 1 else jnp.concatenate([x] * heads, axis=0)
+
+
+def _flat_rows(ref):
+  """A `[heads, rows, width]` block as one `[heads * rows, width]` operand."""
+  x = ref[...]
+  return x.reshape(-1, x.shape[-1])
+
+
+class _Mask(NamedTuple):
+  """What masks a tile in a kernel: the int8 tile ref, the segment-id refs of the tile's rows
+  (a column) and columns (a row), whether the rows are queries (False in the transposed dk/dv
+  kernel), and the query heads stacked in a q block (the tile and row ids repeat per head)."""
+
+  tile: object
+  row_ids: object
+  col_ids: object
+  queries_are_rows: bool = True
+  heads: int = 1
+
+
+def _allowed(st: _Static, apply_tile: bool, mask: _Mask):
+  """Boolean tile of allowed pairs, or None when everything is allowed."""
   # Widened before comparing: v4's VPU has no int8 compare; the tile stays int8 in HBM / VMEM.
-  allowed = tile_ref[...].astype(jnp.int32) != 0 if apply_tile else None
+  allowed = None
+  if apply_tile:
+    allowed = _stacked(mask.tile[...].astype(jnp.int32), mask.heads) != 0
   if st.has_segments:
-    q_ids, kv_ids = q_seg_ref[...], kv_seg_ref[...]  # [bq, 1], [1, bkv]
-    same = q_ids == kv_ids
+    row_ids, col_ids = _stacked(mask.row_ids[...], mask.heads), mask.col_ids[...]
+    same = row_ids == col_ids
     if st.padding_id is not None:
-      same = same & (q_ids != st.padding_id)
+      same = same & ((row_ids if mask.queries_are_rows else col_ids) != st.padding_id)
     allowed = same if allowed is None else allowed & same
   return allowed
 
 
 def _split_refs(st: _Static, refs, n_main: int, with_sinks: bool):
-  """Splits the kernel refs: main inputs, segment ids, mask tile, sinks, then the rest."""
+  """Splits the kernel refs: main inputs, row and column segment ids, mask tile, sinks, the
+  rest (outputs, scratch)."""
   main, rest = list(refs[:n_main]), list(refs[n_main:])
-  q_seg = kv_seg = sinks = None
+  row_ids = col_ids = sinks = None
   if st.has_segments:
-    q_seg, kv_seg = rest.pop(0), rest.pop(0)
+    row_ids, col_ids = rest.pop(0), rest.pop(0)
   tile = rest.pop(0)
   if with_sinks and st.has_sinks:
     sinks = rest.pop(0)
-  return main, q_seg, kv_seg, tile, sinks, rest
-
-
-def _matmul(a, b, contracting):
-  """float32-accumulated `a . b` over `contracting` (lhs axis, rhs axis), operands as given."""
-  return jax.lax.dot_general(a, b, (contracting, ((), ())), preferred_element_type=jnp.float32)
+  return main, row_ids, col_ids, tile, sinks, rest
 
 
 def _forward_kernel(table_ref, *refs, st: _Static, layout: StepTable):
-  (q_ref, k_ref, v_ref), q_seg, kv_seg, tile_ref, sinks_ref, rest = _split_refs(
+  (q_ref, k_ref, v_ref), row_ids, col_ids, tile_ref, sinks_ref, rest = _split_refs(
     st, refs, 3, with_sinks=True
   )
   o_ref, lse_ref, m_scr, l_scr, acc_scr = rest
-  h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  kind = layout.kind(layout.entry(table_ref, h if st.per_head else 0, i, 0, j))
+  heads, bq = q_ref.shape[:2]
+  head_block, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  kind = layout.kind(layout.entry(table_ref, head_block if st.per_head else 0, i, 0, j))
+  mask = _Mask(tile_ref, row_ids, col_ids, heads=heads)
 
   @pl.when(j == 0)
   def _init():
@@ -265,8 +303,8 @@ def _forward_kernel(table_ref, *refs, st: _Static, layout: StepTable):
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
   def update(apply_tile: bool):
-    s, _ = _logits(st, q_ref[...], k_ref[...])
-    allowed = _allowed(st, apply_tile, tile_ref, q_seg, kv_seg)
+    s, _ = _logits(st, _flat_rows(q_ref), k_ref[...])
+    allowed = _allowed(st, apply_tile, mask)
     if allowed is not None:
       s = jnp.where(allowed, s, -jnp.inf)
     m_prev = m_scr[...]
@@ -287,32 +325,38 @@ def _forward_kernel(table_ref, *refs, st: _Static, layout: StepTable):
     m, total = m_scr[...][:, :1], l_scr[...][:, :1]
     shift = jnp.where(m == -jnp.inf, 0.0, m)
     if st.has_sinks:
-      total = total + jnp.exp(sinks_ref[h] - shift)
+      first = head_block * heads
+      sink = [jnp.full((bq, 1), sinks_ref[first + g], jnp.float32) for g in range(heads)]
+      total = total + jnp.exp(jnp.concatenate(sink, axis=0) - shift)
     live = total > 0
     safe_total = jnp.where(live, total, 1.0)
-    o_ref[...] = (acc_scr[...] / safe_total).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(live, jnp.log(safe_total) + shift, -jnp.inf)
+    o_ref[...] = (acc_scr[...] / safe_total).reshape(o_ref.shape).astype(o_ref.dtype)
+    lse = jnp.where(live, jnp.log(safe_total) + shift, -jnp.inf)
+    lse_ref[...] = lse.reshape(lse_ref.shape)
 
 
-def _probs_and_dlogits(st: _Static, apply_tile, q, k, v, do, lse, delta, tile, q_seg, kv_seg):
-  """Recomputed probabilities `[bq, bkv]` and d loss / d (q k^T) (scale applied), float32."""
-  s, capped = _logits(st, q, k)
+def _probs_and_dlogits(st: _Static, apply_tile, logit_operands, dp_operands, lse, delta, mask):
+  """Recomputed probabilities and d loss / d (q k^T) (scale applied), float32, oriented as
+  `logit_operands`: (q, k) gives `[bq, bkv]` with lse / delta columns `[bq, 1]`; (k, q) the
+  transpose `[bkv, bq]` with lse / delta rows `[1, bq]`. `dp_operands`: (do, v) or (v, do)."""
+  s, capped = _logits(st, *logit_operands)
   p = jnp.exp(s - jnp.where(lse == -jnp.inf, 0.0, lse))
-  allowed = _allowed(st, apply_tile, tile, q_seg, kv_seg)
+  allowed = _allowed(st, apply_tile, mask)
   if allowed is not None:
     p = jnp.where(allowed, p, 0.0)
-  ds = p * (_matmul(do, v, ((1,), (1,))) - delta)
+  ds = p * (_matmul(*dp_operands, ((1,), (1,))) - delta)
   if capped is not None:
     ds = ds * (1.0 - capped * capped)
   return p, ds * st.scale
 
 
 def _dq_kernel(table_ref, *refs, st: _Static, layout: StepTable):
-  main, q_seg, kv_seg, tile_ref, _, rest = _split_refs(st, refs, 6, with_sinks=False)
+  main, row_ids, col_ids, tile_ref, _, rest = _split_refs(st, refs, 6, with_sinks=False)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = main
   dq_ref, dq_scr = rest
-  h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  kind = layout.kind(layout.entry(table_ref, h if st.per_head else 0, i, 0, j))
+  head_block, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  kind = layout.kind(layout.entry(table_ref, head_block if st.per_head else 0, i, 0, j))
+  mask = _Mask(tile_ref, row_ids, col_ids, heads=q_ref.shape[0])
 
   @pl.when(j == 0)
   def _init():
@@ -321,8 +365,8 @@ def _dq_kernel(table_ref, *refs, st: _Static, layout: StepTable):
   def update(apply_tile: bool):
     k = k_ref[...]
     _, ds = _probs_and_dlogits(
-      st, apply_tile, q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
-      tile_ref, q_seg, kv_seg,
+      st, apply_tile, (_flat_rows(q_ref), k), (_flat_rows(do_ref), v_ref[...]),
+      _flat_rows(lse_ref), _flat_rows(delta_ref), mask,
     )  # fmt: skip
     dq_scr[...] += _matmul(ds.astype(k.dtype), k, ((1,), (0,)))
 
@@ -331,16 +375,19 @@ def _dq_kernel(table_ref, *refs, st: _Static, layout: StepTable):
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
-    dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
+    dq_ref[...] = dq_scr[...].reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(table_ref, *refs, st: _Static, layout: StepTable):
-  main, q_seg, kv_seg, tile_ref, _, rest = _split_refs(st, refs, 6, with_sinks=False)
+  """Works on transposed tiles `[bkv, bq]`: lse, delta and query ids arrive as lane-dense rows
+  `[1, bq]`, and both gradient matmuls take their operands untransposed."""
+  main, row_ids, col_ids, tile_ref, _, rest = _split_refs(st, refs, 6, with_sinks=False)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = main
   dk_ref, dv_ref, dk_scr, dv_scr = rest
   kv_head, kb, g, jt = pl.program_id(1), pl.program_id(2), pl.program_id(3), pl.program_id(4)
   outer, inner = (kv_head, g) if st.per_head else (0, 0)
   kind = layout.kind(layout.entry(table_ref, outer, kb, inner, jt))
+  mask = _Mask(tile_ref, row_ids, col_ids, queries_are_rows=False)
 
   @pl.when((g == 0) & (jt == 0))
   def _init():
@@ -349,12 +396,11 @@ def _dkv_kernel(table_ref, *refs, st: _Static, layout: StepTable):
 
   def update(apply_tile: bool):
     q, do = q_ref[...], do_ref[...]
-    p, ds = _probs_and_dlogits(
-      st, apply_tile, q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], tile_ref,
-      q_seg, kv_seg,
-    )  # fmt: skip
-    dv_scr[...] += _matmul(p.astype(do.dtype), do, ((0,), (0,)))
-    dk_scr[...] += _matmul(ds.astype(q.dtype), q, ((0,), (0,)))
+    p_t, ds_t = _probs_and_dlogits(
+      st, apply_tile, (k_ref[...], q), (v_ref[...], do), lse_ref[...], delta_ref[...], mask
+    )
+    dv_scr[...] += _matmul(p_t.astype(do.dtype), do, ((1,), (0,)))
+    dk_scr[...] += _matmul(ds_t.astype(q.dtype), q, ((1,), (0,)))
 
   pl.when(kind == FULL)(lambda: update(apply_tile=False))
   pl.when(kind == PARTIAL)(lambda: update(apply_tile=True))
@@ -369,52 +415,88 @@ def _dkv_kernel(table_ref, *refs, st: _Static, layout: StepTable):
 # pallas_call wiring.
 
 
-def _pallas_call(kernel, st: _Static, *, grid, sequential, specs, inputs, cost, name):
-  """One Mosaic call over `grid` with its step table scalar-prefetched, its last `sequential`
-  dims accumulating ("arbitrary") and the others parallel. `specs` = (in_specs, out_specs,
-  out_shape, scratch), `inputs` = (step table, operands); the VMEM limit counts four float32
-  `[bq, bkv]` temporaries (logits, probabilities, their gradients)."""
-  in_specs, out_specs, out_shape, scratch = specs
-  table, operands = inputs
-  semantics = ("parallel",) * (len(grid) - sequential) + ("arbitrary",) * sequential
-  temporaries = 4 * tpu_memory.vmem_bytes((st.block_q, st.block_kv), jnp.float32)
+class _Call(NamedTuple):
+  """One pallas_call: its grid (the last `sequential` dims accumulate, "arbitrary"; the others
+  are parallel), `specs` = (in_specs, out_specs, out_shape, scratch), its operands after the
+  step table, the logits tile (rows, cols) of a grid step and its cost estimate."""
+
+  grid: tuple[int, ...]
+  sequential: int
+  specs: tuple
+  operands: list
+  logits_tile: tuple[int, int]
+  cost: pl.CostEstimate
+
+
+def _compiler_params(call: _Call) -> pltpu.CompilerParams:
+  """Semantics and VMEM limit; the limit counts four float32 logits tiles (logits,
+  probabilities, their gradients). Raises ValueError when it exceeds the smallest VMEM."""
+  in_specs, out_specs, out_shape, scratch = call.specs
+  semantics = ("parallel",) * (len(call.grid) - call.sequential) + ("arbitrary",) * call.sequential
+  temporaries = 4 * tpu_memory.vmem_bytes(call.logits_tile, jnp.float32)
+  return tpu_memory.compiler_params(
+    semantics, in_specs, call.operands, out_specs, out_shape, scratch, temporaries
+  )
+
+
+def _pallas_call(kernel, st: _Static, call: _Call, table, name: str):
+  """Runs `call` with its step table scalar-prefetched."""
+  in_specs, out_specs, out_shape, scratch = call.specs
   return pl.pallas_call(
     kernel,
     grid_spec=pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1,
-      grid=grid,
+      grid=call.grid,
       in_specs=in_specs,
       out_specs=out_specs,
       scratch_shapes=scratch,
     ),
     out_shape=out_shape,
-    compiler_params=tpu_memory.compiler_params(
-      semantics, in_specs, operands, out_specs, out_shape, scratch, temporaries
-    ),
-    cost_estimate=cost,
+    compiler_params=_compiler_params(call),
+    cost_estimate=call.cost,
     interpret=st.interpret,
     name=name,
-  )(table, *operands)
+  )(table, *call.operands)
 
 
-def _side_specs(st: _Static, q_block, kv_block, tile_block, with_sinks: bool):
-  """BlockSpecs of segment ids, mask tile and sinks, given index maps over the grid."""
+def _grouped(st: _Static, build) -> _Call:
+  """`build(heads)`, the call whose q blocks hold `heads` query heads of one GQA group, for the
+  most heads that divide the group, stay within `MAX_GROUP_ROWS` rows and fit VMEM: their K/V
+  tiles are fetched once for all of them. Per-head masks take one head per block (each head
+  walks its own tile lists)."""
+  if not st.per_head:
+    for heads in range(st.groups, 1, -1):
+      if st.groups % heads or heads * st.block_q > MAX_GROUP_ROWS:
+        continue
+      call = build(heads)
+      try:
+        _compiler_params(call)
+      except ValueError:
+        continue
+      return call
+  return build(1)
+
+
+def _side_specs(st: _Static, row, col, tile_block, with_sinks: bool):
+  """BlockSpecs of the tile rows' segment ids (a column), the tile columns' ids (a row), the
+  mask tile and sinks. `row`, `col`: (tile length, block index map over the grid)."""
+  (row_len, row_block), (col_len, col_block) = row, col
   specs = []
   if st.has_segments:
     specs += [
-      pl.BlockSpec((pl.squeezed, st.block_q, 1), lambda *a: (a[0], q_block(*a), 0)),
-      pl.BlockSpec((pl.squeezed, 1, st.block_kv), lambda *a: (a[0], 0, kv_block(*a))),
+      pl.BlockSpec((pl.squeezed, row_len, 1), lambda *a: (a[0], row_block(*a), 0)),
+      pl.BlockSpec((pl.squeezed, 1, col_len), lambda *a: (a[0], 0, col_block(*a))),
     ]
-  specs.append(
-    pl.BlockSpec((pl.squeezed, st.block_q, st.block_kv), lambda *a: (tile_block(*a), 0, 0))
-  )
+  specs.append(pl.BlockSpec((pl.squeezed, row_len, col_len), lambda *a: (tile_block(*a), 0, 0)))
   if with_sinks and st.has_sinks:
     specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
   return specs
 
 
-def _side_args(st: _Static, q_seg, kv_seg, tiles, sinks, with_sinks: bool):
-  args = [q_seg, kv_seg] if st.has_segments else []
+def _side_args(st: _Static, row_ids, col_ids, tiles, sinks, with_sinks: bool):
+  """Operands of `_side_specs`; ids `[batch, len]` become a `[batch, len, 1]` column (rows) and
+  a `[batch, 1, len]` row (columns)."""
+  args = [row_ids[:, :, None], col_ids[:, None, :]] if st.has_segments else []
   args.append(tiles)
   if with_sinks and st.has_sinks:
     args.append(sinks)
@@ -422,9 +504,11 @@ def _side_args(st: _Static, q_seg, kv_seg, tiles, sinks, with_sinks: bool):
 
 
 class _Tables(NamedTuple):
-  """The kernels' mask operands: int8 tiles `[num_tiles, bq, bkv]`, one step table per call."""
+  """The kernels' mask operands: int8 tiles `[num_tiles, bq, bkv]`, the same transposed
+  `[num_tiles, bkv, bq]` for the dk/dv kernel, one step table per call."""
 
   tiles: jax.Array
+  t_tiles: jax.Array
   forward: tuple[jax.Array, ...]
   dkv: tuple[jax.Array, ...]
 
@@ -454,21 +538,26 @@ def _tables_and_static(st: Static, info: MaskInfo, heads: int, kv_heads: int, ha
     forward_layouts=tuple(layout for layout, _ in forward),
     dkv_layouts=tuple(layout for layout, _ in dkv),
   )
+  tiles = jnp.asarray(info.tiles)
   tables = _Tables(
-    jnp.asarray(info.tiles),
+    tiles,
+    jnp.swapaxes(tiles, 1, 2),
     tuple(jnp.asarray(t) for _, t in forward),
     tuple(jnp.asarray(t) for _, t in dkv),
   )
   return tables, static
 
 
-def _cost(tiles: int, matmul_dims: int, bq: int, bkv: int, per_tile_bytes: int, rows_bytes: int):
-  """Cost of a call: `tiles` computed tiles of `matmul_dims` contraction widths summed over its
-  matmuls; bytes of the blocks fetched per tile and of the row-resident blocks."""
+def _cost(visits: int, matmul_dims: int, tile: tuple[int, int], per_visit_bytes: int,
+          resident_bytes: int):  # fmt: skip
+  """Cost of a call computing `visits` logits tiles of shape `tile`, with `matmul_dims`
+  contraction widths summed over its matmuls; the bytes fetched per visit and of the blocks
+  resident over a row."""
+  rows, cols = tile
   return pl.CostEstimate(
-    flops=int(2 * tiles * bq * bkv * matmul_dims),
-    transcendentals=int(tiles * bq * bkv),
-    bytes_accessed=int(tiles * per_tile_bytes + rows_bytes),
+    flops=int(2 * visits * rows * cols * matmul_dims),
+    transcendentals=int(visits * rows * cols),
+    bytes_accessed=int(visits * per_visit_bytes + resident_bytes),
   )
 
 
@@ -481,11 +570,9 @@ def _forward_call(st: _Static, tables: _Tables, q, k, v, q_seg, kv_seg, sinks):
   return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
 
 
-def _forward_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, q_seg, kv_seg, sinks):
-  """Out `[b, h, rows * bq, dv]` and lse `[b, h, rows * bq, 1]` of the call's query rows."""
-  b, h, _, d = q.shape
-  dv = v.shape[-1]
-  bq, bkv, r0 = st.block_q, st.block_kv, layout.row_start
+def _query_grid_maps(st: _Static, layout: StepTable, heads: int):
+  """Index maps of the forward / dq grid `(batch, head block, row, step)` whose q blocks hold
+  `heads` query heads: (q rows at `offset`, kv rows, mask tile)."""
 
   def entry(hh, i, j, table_ref):
     return layout.entry(table_ref, hh if st.per_head else 0, i, 0, j)
@@ -496,54 +583,71 @@ def _forward_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, q_seg, 
   def tile_block(bb, hh, i, j, table_ref):
     return layout.tile(entry(hh, i, j, table_ref))
 
+  def q_rows(width, offset):
+    return pl.BlockSpec(
+      (pl.squeezed, heads, st.block_q, width), lambda bb, hh, i, j, t: (bb, hh, i + offset, 0)
+    )
+
   def kv_rows(width):
     return pl.BlockSpec(
-      (pl.squeezed, pl.squeezed, bkv, width),
-      lambda bb, hh, i, j, t: (bb, jax.lax.div(hh, st.groups), kv_block(bb, hh, i, j, t), 0),
+      (pl.squeezed, pl.squeezed, st.block_kv, width),
+      lambda bb, hh, i, j, t: (
+        bb,
+        jax.lax.div(hh * heads, st.groups),
+        kv_block(bb, hh, i, j, t),
+        0,
+      ),
     )
 
-  def out_rows(width):
-    return pl.BlockSpec(
-      (pl.squeezed, pl.squeezed, bq, width), lambda bb, hh, i, j, t: (bb, hh, i, 0)
-    )
-
-  in_specs = [
-    pl.BlockSpec((pl.squeezed, pl.squeezed, bq, d), lambda bb, hh, i, j, t: (bb, hh, i + r0, 0)),
-    kv_rows(d),
-    kv_rows(dv),
-    *_side_specs(st, lambda bb, hh, i, *_: i + r0, kv_block, tile_block, with_sinks=True),
-  ]
-  out_specs = [out_rows(dv), out_rows(1)]
-  rows = layout.rows * bq
-  out_shape = [
-    jax.ShapeDtypeStruct((b, h, rows, dv), q.dtype),
-    jax.ShapeDtypeStruct((b, h, rows, 1), jnp.float32),
-  ]
-  scratch = [
-    pltpu.VMEM((bq, LANES), jnp.float32),
-    pltpu.VMEM((bq, LANES), jnp.float32),
-    pltpu.VMEM((bq, dv), jnp.float32),
-  ]
-  operands = [q, k, v, *_side_args(st, q_seg, kv_seg, tiles, sinks, True)]
-  tiles_done = layout.computed * b * (1 if st.per_head else h)
-  itemsize = q.dtype.itemsize
-  return _pallas_call(
-    functools.partial(_forward_kernel, st=st, layout=layout),
+  side = functools.partial(
+    _side_specs,
     st,
-    grid=(b, h, layout.rows, layout.steps),
-    sequential=1,
-    specs=(in_specs, out_specs, out_shape, scratch),
-    inputs=(table, operands),
-    cost=_cost(
-      tiles_done,
-      d + dv,
-      bq,
-      bkv,
-      bkv * (d + dv) * itemsize,
-      b * h * rows * ((d + dv) * itemsize + 4),
-    ),
-    name="block_sparse_fwd",
+    (st.block_q, lambda bb, hh, i, *_: i + layout.row_start),
+    (st.block_kv, kv_block),
+    tile_block,
   )
+  return q_rows, kv_rows, side
+
+
+def _forward_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, q_seg, kv_seg, sinks):
+  """Out `[b, h, rows * bq, dv]` and lse `[b, h, rows * bq, 1]` of the call's query rows."""
+  b, h, _, d = q.shape
+  dv = v.shape[-1]
+  rows = layout.rows * st.block_q
+
+  def build(heads):
+    q_rows, kv_rows, side_specs = _query_grid_maps(st, layout, heads)
+    in_specs = [q_rows(d, layout.row_start), kv_rows(d), kv_rows(dv), *side_specs(True)]
+    out_specs = [q_rows(dv, 0), q_rows(1, 0)]
+    out_shape = [
+      jax.ShapeDtypeStruct((b, h, rows, dv), q.dtype),
+      jax.ShapeDtypeStruct((b, h, rows, 1), jnp.float32),
+    ]
+    tile = (heads * st.block_q, st.block_kv)
+    scratch = [
+      pltpu.VMEM((tile[0], LANES), jnp.float32),
+      pltpu.VMEM((tile[0], LANES), jnp.float32),
+      pltpu.VMEM((tile[0], dv), jnp.float32),
+    ]
+    visits = layout.computed * b * (1 if st.per_head else h // heads)
+    itemsize = q.dtype.itemsize
+    return _Call(
+      grid=(b, h // heads, layout.rows, layout.steps),
+      sequential=1,
+      specs=(in_specs, out_specs, out_shape, scratch),
+      operands=[q, k, v, *_side_args(st, q_seg, kv_seg, tiles, sinks, True)],
+      logits_tile=tile,
+      cost=_cost(
+        visits,
+        d + dv,
+        tile,
+        st.block_kv * (d + dv) * itemsize,
+        b * h * rows * ((d + dv) * itemsize + 4),
+      ),  # fmt: skip
+    )
+
+  kernel = functools.partial(_forward_kernel, st=st, layout=layout)
+  return _pallas_call(kernel, st, _grouped(st, build), table, "block_sparse_fwd")
 
 
 def _dq_call(st: _Static, tables: _Tables, q, k, v, do, lse, delta, q_seg, kv_seg):
@@ -557,76 +661,59 @@ def _dq_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, do, lse, del
   """dq `[b, h, rows * bq, d]` of the call's query rows."""
   b, h, _, d = q.shape
   dv = v.shape[-1]
-  bq, bkv, r0 = st.block_q, st.block_kv, layout.row_start
+  rows = layout.rows * st.block_q
 
-  def entry(hh, i, j, table_ref):
-    return layout.entry(table_ref, hh if st.per_head else 0, i, 0, j)
-
-  def kv_block(bb, hh, i, j, table_ref):
-    return layout.block(entry(hh, i, j, table_ref))
-
-  def tile_block(bb, hh, i, j, table_ref):
-    return layout.tile(entry(hh, i, j, table_ref))
-
-  def q_rows(width, offset=r0):
-    return pl.BlockSpec(
-      (pl.squeezed, pl.squeezed, bq, width), lambda bb, hh, i, j, t: (bb, hh, i + offset, 0)
+  def build(heads):
+    q_rows, kv_rows, side_specs = _query_grid_maps(st, layout, heads)
+    r0 = layout.row_start
+    in_specs = [
+      q_rows(d, r0), kv_rows(d), kv_rows(dv), q_rows(dv, r0), q_rows(1, r0), q_rows(1, r0),
+      *side_specs(False),
+    ]  # fmt: skip
+    tile = (heads * st.block_q, st.block_kv)
+    visits = layout.computed * b * (1 if st.per_head else h // heads)
+    itemsize = q.dtype.itemsize
+    return _Call(
+      grid=(b, h // heads, layout.rows, layout.steps),
+      sequential=1,
+      specs=(
+        in_specs,
+        [q_rows(d, 0)],
+        [jax.ShapeDtypeStruct((b, h, rows, d), q.dtype)],
+        [pltpu.VMEM((tile[0], d), jnp.float32)],
+      ),
+      operands=[q, k, v, do, lse, delta, *_side_args(st, q_seg, kv_seg, tiles, None, False)],
+      logits_tile=tile,
+      cost=_cost(
+        visits,
+        2 * d + dv,
+        tile,
+        st.block_kv * (d + dv) * itemsize,
+        b * h * rows * ((3 * d + dv) * itemsize + 8),
+      ),  # fmt: skip
     )
 
-  def kv_rows(width):
-    return pl.BlockSpec(
-      (pl.squeezed, pl.squeezed, bkv, width),
-      lambda bb, hh, i, j, t: (bb, jax.lax.div(hh, st.groups), kv_block(bb, hh, i, j, t), 0),
-    )
-
-  in_specs = [
-    q_rows(d),
-    kv_rows(d),
-    kv_rows(dv),
-    q_rows(dv),
-    q_rows(1),
-    q_rows(1),
-    *_side_specs(st, lambda bb, hh, i, *_: i + r0, kv_block, tile_block, with_sinks=False),
-  ]
-  out_specs = q_rows(d, offset=0)
-  rows = layout.rows * bq
-  out_shape = jax.ShapeDtypeStruct((b, h, rows, d), q.dtype)
-  scratch = [pltpu.VMEM((bq, d), jnp.float32)]
-  operands = [q, k, v, do, lse, delta, *_side_args(st, q_seg, kv_seg, tiles, None, False)]
-  tiles_done = layout.computed * b * (1 if st.per_head else h)
-  itemsize = q.dtype.itemsize
-  (dq,) = _pallas_call(
-    functools.partial(_dq_kernel, st=st, layout=layout),
-    st,
-    grid=(b, h, layout.rows, layout.steps),
-    sequential=1,
-    specs=(in_specs, [out_specs], [out_shape], scratch),
-    inputs=(table, operands),
-    cost=_cost(
-      tiles_done,
-      2 * d + dv,
-      bq,
-      bkv,
-      bkv * (d + dv) * itemsize,
-      b * h * rows * ((3 * d + dv) * itemsize + 8),
-    ),
-    name="block_sparse_dq",
-  )
+  kernel = functools.partial(_dq_kernel, st=st, layout=layout)
+  (dq,) = _pallas_call(kernel, st, _grouped(st, build), table, "block_sparse_dq")
   return dq
 
 
 def _dkv_call(st: _Static, tables: _Tables, q, k, v, do, lse, delta, q_seg, kv_seg):
   dks, dvs = [], []
+  lse_rows, delta_rows = (x.reshape(*x.shape[:2], 1, -1) for x in (lse, delta))
   for layout, table in zip(st.dkv_layouts, tables.dkv, strict=True):
-    dk, dv = _dkv_rows(st, layout, table, tables.tiles, q, k, v, do, lse, delta, q_seg, kv_seg)
+    dk, dv = _dkv_rows(
+      st, layout, table, tables.t_tiles, q, k, v, do, lse_rows, delta_rows, q_seg, kv_seg
+    )
     dks.append(dk)
     dvs.append(dv)
   return jnp.concatenate(dks, axis=2), jnp.concatenate(dvs, axis=2)
 
 
-def _dkv_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, do, lse, delta, q_seg,
-              kv_seg):  # fmt: skip
-  """dk `[b, hk, rows * bkv, d]`, dv `[b, hk, rows * bkv, dv]` of the call's kv rows."""
+def _dkv_rows(st: _Static, layout: StepTable, table, t_tiles, q, k, v, do, lse_rows, delta_rows,
+              q_seg, kv_seg):  # fmt: skip
+  """dk `[b, hk, rows * bkv, d]`, dv `[b, hk, rows * bkv, dv]` of the call's kv rows; lse and
+  delta as rows `[b, h, 1, padded q len]`."""
   b, h, _, d = q.shape
   hk = k.shape[1]
   dv = v.shape[-1]
@@ -648,20 +735,20 @@ def _dkv_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, do, lse, de
       lambda bb, kh, kb, g, jt, t: (bb, kh * st.groups + g, q_block(bb, kh, kb, g, jt, t), 0),
     )
 
+  q_lanes = pl.BlockSpec(
+    (pl.squeezed, pl.squeezed, 1, bq),
+    lambda bb, kh, kb, g, jt, t: (bb, kh * st.groups + g, 0, q_block(bb, kh, kb, g, jt, t)),
+  )
+
   def kv_rows(width, offset=r0):
     return pl.BlockSpec(
       (pl.squeezed, pl.squeezed, bkv, width), lambda bb, kh, kb, *_: (bb, kh, kb + offset, 0)
     )
 
-  in_specs = [
-    q_rows(d),
-    kv_rows(d),
-    kv_rows(dv),
-    q_rows(dv),
-    q_rows(1),
-    q_rows(1),
-    *_side_specs(st, q_block, lambda bb, kh, kb, *_: kb + r0, tile_block, with_sinks=False),
-  ]
+  side_specs = _side_specs(
+    st, (bkv, lambda bb, kh, kb, *_: kb + r0), (bq, q_block), tile_block, with_sinks=False
+  )
+  in_specs = [q_rows(d), kv_rows(d), kv_rows(dv), q_rows(dv), q_lanes, q_lanes, *side_specs]
   out_specs = [kv_rows(d, offset=0), kv_rows(dv, offset=0)]
   rows = layout.rows * bkv
   out_shape = [
@@ -669,26 +756,24 @@ def _dkv_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, do, lse, de
     jax.ShapeDtypeStruct((b, hk, rows, dv), v.dtype),
   ]
   scratch = [pltpu.VMEM((bkv, d), jnp.float32), pltpu.VMEM((bkv, dv), jnp.float32)]
-  operands = [q, k, v, do, lse, delta, *_side_args(st, q_seg, kv_seg, tiles, None, False)]
-  repeats = b * (1 if st.per_head else h)
+  side = _side_args(st, kv_seg, q_seg, t_tiles, None, False)
   itemsize = q.dtype.itemsize
-  return _pallas_call(
-    functools.partial(_dkv_kernel, st=st, layout=layout),
-    st,
+  call = _Call(
     grid=(b, hk, layout.rows, st.groups, layout.steps),
     sequential=2,
     specs=(in_specs, out_specs, out_shape, scratch),
-    inputs=(table, operands),
+    operands=[q, k, v, do, lse_rows, delta_rows, *side],
+    logits_tile=(bkv, bq),
     cost=_cost(
-      layout.computed * repeats,
+      layout.computed * b * (1 if st.per_head else h),
       2 * (d + dv),
-      bq,
-      bkv,
+      (bkv, bq),
       bq * ((d + dv) * itemsize + 8),
       b * hk * rows * 2 * (d + dv) * itemsize,
-    ),
-    name="block_sparse_dkv",
+    ),  # fmt: skip
   )
+  kernel = functools.partial(_dkv_kernel, st=st, layout=layout)
+  return _pallas_call(kernel, st, call, table, "block_sparse_dkv")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,8 +823,6 @@ def block_sparse_attention(
   )  # fmt: skip
   tables, st = _tables_and_static(st, mask_info, q.shape[2], k.shape[2], sinks is not None)
   _, q, k, v, sinks, q_seg, kv_seg = kernel_operands(q, k, v, mask_info, segment_ids, sinks)
-  if st.has_segments:  # query ids as a column, kv ids as a row
-    q_seg, kv_seg = q_seg[:, :, None], kv_seg[:, None, :]
   out, lse = _attention(st, tables, q, k, v, sinks, q_seg, kv_seg)
   return out[:, :, :q_len].transpose(0, 2, 1, 3), lse[:, :, :q_len, 0].transpose(0, 2, 1)
 

@@ -114,8 +114,8 @@ def test_sparse_mask_fetches_and_computes_only_live_tiles():
 def test_block_sizes_are_validated_for_tpu():
   with pytest.raises(ValueError, match="block_kv=96 must be a multiple of 128"):
     check_block_sizes(BlockSizes(128, 96), 256, 384)
-  with pytest.raises(ValueError, match="block_q=40 must be a multiple of 32"):
-    check_block_sizes(BlockSizes(40, 128), 80, 256)
+  with pytest.raises(ValueError, match="block_q=64 must be a multiple of 128"):
+    check_block_sizes(BlockSizes(64, 128), 128, 256)
   check_block_sizes(BlockSizes(40, 40), 40, 40)  # one block spanning the array is allowed
   with pytest.raises(ValueError, match="positive int"):
     BlockSizes(0, 128)
