@@ -418,22 +418,24 @@ def _dkv_kernel(table_ref, *refs, st: _Static, layout: StepTable):
 class _Call(NamedTuple):
   """One pallas_call: its grid (the last `sequential` dims accumulate, "arbitrary"; the others
   are parallel), `specs` = (in_specs, out_specs, out_shape, scratch), its operands after the
-  step table, the logits tile (rows, cols) of a grid step and its cost estimate."""
+  step table, the logits tile (rows, cols) of a grid step, how many float32 tiles of that
+  shape a step keeps live, and its cost estimate."""
 
   grid: tuple[int, ...]
   sequential: int
   specs: tuple
   operands: list
   logits_tile: tuple[int, int]
+  live_tiles: int
   cost: pl.CostEstimate
 
 
 def _compiler_params(call: _Call) -> pltpu.CompilerParams:
-  """Semantics and VMEM limit; the limit counts four float32 logits tiles (logits,
-  probabilities, their gradients). Raises ValueError when it exceeds the smallest VMEM."""
+  """Semantics and VMEM limit (blocks, scratch and the live float32 logits tiles). Raises
+  ValueError when it exceeds the smallest VMEM."""
   in_specs, out_specs, out_shape, scratch = call.specs
   semantics = ("parallel",) * (len(call.grid) - call.sequential) + ("arbitrary",) * call.sequential
-  temporaries = 4 * tpu_memory.vmem_bytes(call.logits_tile, jnp.float32)
+  temporaries = call.live_tiles * tpu_memory.vmem_bytes(call.logits_tile, jnp.float32)
   return tpu_memory.compiler_params(
     semantics, in_specs, call.operands, out_specs, out_shape, scratch, temporaries
   )
@@ -637,6 +639,7 @@ def _forward_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, q_seg, 
       specs=(in_specs, out_specs, out_shape, scratch),
       operands=[q, k, v, *_side_args(st, q_seg, kv_seg, tiles, sinks, True)],
       logits_tile=tile,
+      live_tiles=2,  # logits, probabilities
       cost=_cost(
         visits,
         d + dv,
@@ -684,6 +687,7 @@ def _dq_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, do, lse, del
       ),
       operands=[q, k, v, do, lse, delta, *_side_args(st, q_seg, kv_seg, tiles, None, False)],
       logits_tile=tile,
+      live_tiles=4,  # logits, probabilities, their gradients
       cost=_cost(
         visits,
         2 * d + dv,
@@ -764,6 +768,7 @@ def _dkv_rows(st: _Static, layout: StepTable, table, t_tiles, q, k, v, do, lse_r
     specs=(in_specs, out_specs, out_shape, scratch),
     operands=[q, k, v, do, lse_rows, delta_rows, *side],
     logits_tile=(bkv, bq),
+    live_tiles=4,  # logits, probabilities, their gradients
     cost=_cost(
       layout.computed * b * (1 if st.per_head else h),
       2 * (d + dv),
