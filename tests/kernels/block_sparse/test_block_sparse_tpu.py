@@ -191,3 +191,40 @@ def test_interpreter_fetches_a_mask_tile_only_when_the_tile_changes():
   (call,) = counts.per_call
   fetches = call.hbm_to_vmem_by_operand["refs[3]"] // (block * block)  # int8 tiles
   assert changes_in_rows < fetches <= changes_in_rows + len(tiles)
+
+
+def test_gqa_heads_share_one_kv_fetch_in_the_forward_and_dq_kernels():
+  """4 query heads per kv head, 128-row tiles: the forward and dq q blocks hold the whole group,
+  so K/V are read a quarter as often as with one head per block (counted in the TPU
+  interpreter); values and gradients are the same."""
+  from benchmarks import dma_counts
+
+  seq, heads, block = 512, 4, 128
+  info = mask_info(masks.causal(), seq, seq, block, block, 0)
+  keys = jax.random.split(jax.random.PRNGKey(4), 3)
+  q = random_normal(keys[0], (1, seq, heads, 128), jnp.bfloat16)
+  k, v = (random_normal(key, (1, seq, 1, 128), jnp.bfloat16) for key in keys[1:])
+  params = pltpu.InterpretParams()
+
+  def grads(q, k, v):
+    def loss(q, k, v):
+      out = block_sparse_attention(q, k, v, info, scale=0.1, interpret=params)[0]
+      return out.astype(jnp.float32).sum()
+
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  def kv_reads(counts):  # K and V are the kernels' refs[1] and refs[2]
+    return {
+      c.name: c.hbm_to_vmem_by_operand["refs[1]"] + c.hbm_to_vmem_by_operand["refs[2]"]
+      for c in counts.per_call
+    }
+
+  grouped = kv_reads(dma_counts.count(grads, q, k, v))
+  with mock.patch.object(tpu, "MAX_GROUP_ROWS", block):
+    per_head = kv_reads(dma_counts.count(grads, q, k, v))
+    expected = grads(q, k, v)
+  for name in ("block_sparse_fwd", "block_sparse_dq"):
+    assert 3.5 * grouped[name] <= per_head[name] <= 4.5 * grouped[name]
+  assert grouped["block_sparse_dkv"] == per_head["block_sparse_dkv"]
+  for g, ref_g in zip(grads(q, k, v), expected, strict=True):
+    assert_close(g, ref_g, 1e-2, "grouped vs one head per block")
