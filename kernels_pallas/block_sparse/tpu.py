@@ -441,9 +441,19 @@ def _compiler_params(call: _Call) -> pltpu.CompilerParams:
   )
 
 
-def _pallas_call(kernel, st: _Static, call: _Call, table, name: str):
-  """Runs `call` with its step table scalar-prefetched."""
+def _pallas_call(kernel, st: _Static, call: _Call, table, name: str, into=None):
+  """Runs `call` with its step table scalar-prefetched. Its outputs span every row; it writes
+  only its own. `into`: the outputs of the call over the previous rows, updated in place
+  (aliased, never read), so the calls of a split table need no concatenation."""
   in_specs, out_specs, out_shape, scratch = call.specs
+  operands = list(call.operands)
+  aliases = {}
+  if into is not None:
+    first = 1 + len(operands)  # the step table is input 0
+    aliases = {first + n: n for n in range(len(into))}
+    in_specs = [*in_specs, *(pl.BlockSpec(memory_space=pl.ANY) for _ in into)]
+    operands += list(into)
+    kernel = _skipping_refs(kernel, len(call.operands), len(into))
   return pl.pallas_call(
     kernel,
     grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -454,11 +464,21 @@ def _pallas_call(kernel, st: _Static, call: _Call, table, name: str):
       scratch_shapes=scratch,
     ),
     out_shape=out_shape,
+    input_output_aliases=aliases,
     compiler_params=_compiler_params(call),
     cost_estimate=call.cost,
     interpret=st.interpret,
     name=name,
-  )(table, *call.operands)
+  )(table, *operands)
+
+
+def _skipping_refs(kernel, start: int, count: int):
+  """`kernel` with the `count` refs after its first `start` inputs (aliased outputs) left out."""
+
+  def body(table_ref, *refs):
+    return kernel(table_ref, *refs[:start], *refs[start + count :])
+
+  return body
 
 
 def _grouped(st: _Static, build) -> _Call:
@@ -564,12 +584,10 @@ def _cost(visits: int, matmul_dims: int, tile: tuple[int, int], per_visit_bytes:
 
 
 def _forward_call(st: _Static, tables: _Tables, q, k, v, q_seg, kv_seg, sinks):
-  outs, lses = [], []
+  outs = None
   for layout, table in zip(st.forward_layouts, tables.forward, strict=True):
-    out, lse = _forward_rows(st, layout, table, tables.tiles, q, k, v, q_seg, kv_seg, sinks)
-    outs.append(out)
-    lses.append(lse)
-  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+    outs = _forward_rows(st, layout, table, tables.tiles, q, k, v, q_seg, kv_seg, sinks, outs)
+  return tuple(outs)
 
 
 def _query_grid_maps(st: _Static, layout: StepTable, heads: int):
@@ -611,16 +629,17 @@ def _query_grid_maps(st: _Static, layout: StepTable, heads: int):
   return q_rows, kv_rows, side
 
 
-def _forward_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, q_seg, kv_seg, sinks):
-  """Out `[b, h, rows * bq, dv]` and lse `[b, h, rows * bq, 1]` of the call's query rows."""
-  b, h, _, d = q.shape
+def _forward_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, q_seg, kv_seg, sinks,
+                  into):  # fmt: skip
+  """Out `[b, h, padded q len, dv]` and lse `[b, h, padded q len, 1]`, written at the call's
+  query rows (`into`: the previous call's, updated)."""
+  b, h, rows, d = q.shape
   dv = v.shape[-1]
-  rows = layout.rows * st.block_q
 
   def build(heads):
     q_rows, kv_rows, side_specs = _query_grid_maps(st, layout, heads)
     in_specs = [q_rows(d, layout.row_start), kv_rows(d), kv_rows(dv), *side_specs(True)]
-    out_specs = [q_rows(dv, 0), q_rows(1, 0)]
+    out_specs = [q_rows(dv, layout.row_start), q_rows(1, layout.row_start)]
     out_shape = [
       jax.ShapeDtypeStruct((b, h, rows, dv), q.dtype),
       jax.ShapeDtypeStruct((b, h, rows, 1), jnp.float32),
@@ -645,26 +664,27 @@ def _forward_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, q_seg, 
         d + dv,
         tile,
         st.block_kv * (d + dv) * itemsize,
-        b * h * rows * ((d + dv) * itemsize + 4),
+        b * h * layout.rows * st.block_q * ((d + dv) * itemsize + 4),
       ),  # fmt: skip
     )
 
   kernel = functools.partial(_forward_kernel, st=st, layout=layout)
-  return _pallas_call(kernel, st, _grouped(st, build), table, "block_sparse_fwd")
+  return _pallas_call(kernel, st, _grouped(st, build), table, "block_sparse_fwd", into)
 
 
 def _dq_call(st: _Static, tables: _Tables, q, k, v, do, lse, delta, q_seg, kv_seg):
-  dqs = []
+  dq = None
   for layout, table in zip(st.forward_layouts, tables.forward, strict=True):
-    dqs.append(_dq_rows(st, layout, table, tables.tiles, q, k, v, do, lse, delta, q_seg, kv_seg))
-  return jnp.concatenate(dqs, axis=2)
+    dq = _dq_rows(st, layout, table, tables.tiles, q, k, v, do, lse, delta, q_seg, kv_seg, dq)
+  return dq
 
 
-def _dq_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, do, lse, delta, q_seg, kv_seg):
-  """dq `[b, h, rows * bq, d]` of the call's query rows."""
-  b, h, _, d = q.shape
+def _dq_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, do, lse, delta, q_seg, kv_seg,
+             into):  # fmt: skip
+  """dq `[b, h, padded q len, d]`, written at the call's query rows (`into`: the previous
+  call's, updated)."""
+  b, h, rows, d = q.shape
   dv = v.shape[-1]
-  rows = layout.rows * st.block_q
 
   def build(heads):
     q_rows, kv_rows, side_specs = _query_grid_maps(st, layout, heads)
@@ -681,7 +701,7 @@ def _dq_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, do, lse, del
       sequential=1,
       specs=(
         in_specs,
-        [q_rows(d, 0)],
+        [q_rows(d, r0)],
         [jax.ShapeDtypeStruct((b, h, rows, d), q.dtype)],
         [pltpu.VMEM((tile[0], d), jnp.float32)],
       ),
@@ -693,33 +713,32 @@ def _dq_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, do, lse, del
         2 * d + dv,
         tile,
         st.block_kv * (d + dv) * itemsize,
-        b * h * rows * ((3 * d + dv) * itemsize + 8),
+        b * h * layout.rows * st.block_q * ((3 * d + dv) * itemsize + 8),
       ),  # fmt: skip
     )
 
   kernel = functools.partial(_dq_kernel, st=st, layout=layout)
-  (dq,) = _pallas_call(kernel, st, _grouped(st, build), table, "block_sparse_dq")
+  previous = None if into is None else [into]
+  (dq,) = _pallas_call(kernel, st, _grouped(st, build), table, "block_sparse_dq", previous)
   return dq
 
 
 def _dkv_call(st: _Static, tables: _Tables, q, k, v, do, lse, delta, q_seg, kv_seg):
-  dks, dvs = [], []
+  grads = None
   lse_rows, delta_rows = (x.reshape(*x.shape[:2], 1, -1) for x in (lse, delta))
   for layout, table in zip(st.dkv_layouts, tables.dkv, strict=True):
-    dk, dv = _dkv_rows(
-      st, layout, table, tables.t_tiles, q, k, v, do, lse_rows, delta_rows, q_seg, kv_seg
+    grads = _dkv_rows(
+      st, layout, table, tables.t_tiles, q, k, v, do, lse_rows, delta_rows, q_seg, kv_seg, grads
     )
-    dks.append(dk)
-    dvs.append(dv)
-  return jnp.concatenate(dks, axis=2), jnp.concatenate(dvs, axis=2)
+  return tuple(grads)
 
 
 def _dkv_rows(st: _Static, layout: StepTable, table, t_tiles, q, k, v, do, lse_rows, delta_rows,
-              q_seg, kv_seg):  # fmt: skip
-  """dk `[b, hk, rows * bkv, d]`, dv `[b, hk, rows * bkv, dv]` of the call's kv rows; lse and
-  delta as rows `[b, h, 1, padded q len]`."""
+              q_seg, kv_seg, into):  # fmt: skip
+  """dk `[b, hk, padded kv len, d]`, dv `[b, hk, padded kv len, dv]`, written at the call's kv
+  rows (`into`: the previous call's, updated); lse and delta as rows `[b, h, 1, padded q len]`."""
   b, h, _, d = q.shape
-  hk = k.shape[1]
+  hk, rows = k.shape[1:3]
   dv = v.shape[-1]
   bq, bkv, r0 = st.block_q, st.block_kv, layout.row_start
 
@@ -753,8 +772,7 @@ def _dkv_rows(st: _Static, layout: StepTable, table, t_tiles, q, k, v, do, lse_r
     st, (bkv, lambda bb, kh, kb, *_: kb + r0), (bq, q_block), tile_block, with_sinks=False
   )
   in_specs = [q_rows(d), kv_rows(d), kv_rows(dv), q_rows(dv), q_lanes, q_lanes, *side_specs]
-  out_specs = [kv_rows(d, offset=0), kv_rows(dv, offset=0)]
-  rows = layout.rows * bkv
+  out_specs = [kv_rows(d), kv_rows(dv)]
   out_shape = [
     jax.ShapeDtypeStruct((b, hk, rows, d), k.dtype),
     jax.ShapeDtypeStruct((b, hk, rows, dv), v.dtype),
@@ -774,11 +792,11 @@ def _dkv_rows(st: _Static, layout: StepTable, table, t_tiles, q, k, v, do, lse_r
       2 * (d + dv),
       (bkv, bq),
       bq * ((d + dv) * itemsize + 8),
-      b * hk * rows * 2 * (d + dv) * itemsize,
+      b * hk * layout.rows * bkv * 2 * (d + dv) * itemsize,
     ),  # fmt: skip
   )
   kernel = functools.partial(_dkv_kernel, st=st, layout=layout)
-  return _pallas_call(kernel, st, call, table, "block_sparse_dkv")
+  return _pallas_call(kernel, st, call, table, "block_sparse_dkv", into)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -228,3 +228,38 @@ def test_gqa_heads_share_one_kv_fetch_in_the_forward_and_dq_kernels():
   assert grouped["block_sparse_dkv"] == per_head["block_sparse_dkv"]
   for g, ref_g in zip(grads(q, k, v), expected, strict=True):
     assert_close(g, ref_g, 1e-2, "grouped vs one head per block")
+
+
+def test_tables_split_over_calls_give_the_unsplit_values_and_gradients():
+  """With a tiny SMEM budget the forward, dq and dk/dv tables are split into calls over
+  consecutive row ranges, each writing its rows of the full-size outputs in place; values and
+  gradients equal those of one call per kernel (per-head mask, GQA, segments, sinks, softcap)."""
+  seq, heads, kv_heads = 640, 4, 2
+  info = mask_info(_windows_per_head(heads, 150), seq, seq, 128, 128, 0)
+  keys = jax.random.split(jax.random.PRNGKey(5), 5)
+  q = random_normal(keys[0], (1, seq, heads, 64), jnp.float32)
+  k, v = (random_normal(key, (1, seq, kv_heads, 64), jnp.float32) for key in keys[1:3])
+  ids = jnp.repeat(
+    jnp.arange(2, dtype=jnp.int32), jnp.array([300, seq - 300]), total_repeat_length=seq
+  )[None]
+  sinks = random_normal(keys[3], (heads,), jnp.float32)
+  weights = random_normal(keys[4], (1, seq, heads, 64), jnp.float32)
+
+  def run(q, k, v, sinks):
+    def loss(q, k, v, sinks):
+      out, lse = block_sparse_attention(q, k, v, info, scale=0.125, segment_ids=(ids, ids),
+                                        sinks=sinks, softcap=20.0, interpret=True)  # fmt: skip
+      return (out * weights).sum() + lse.sum(), (out, lse)
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, sinks)
+
+  whole = run(q, k, v, sinks)
+  smem = tpu.table_smem_bytes(info, heads=heads, kv_heads=kv_heads)
+  assert all(len(calls) == 1 for calls in smem.values())
+  budget = min(max(calls) for calls in smem.values()) // 2
+  with mock.patch.object(tpu, "TABLE_SMEM_BYTES", budget):
+    split_smem = tpu.table_smem_bytes(info, heads=heads, kv_heads=kv_heads)
+    assert all(len(calls) >= 2 for calls in split_smem.values())
+    split = run(q, k, v, sinks)
+  for got, want in zip(jax.tree.leaves(split), jax.tree.leaves(whole), strict=True):
+    assert_close(got, want, 1e-5, "split tables vs one call")
