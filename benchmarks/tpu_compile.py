@@ -8,8 +8,9 @@ Each case calls a public op (`dot_product_attention`, `linear_attention`,
 `neighborhood_attention`) with `impl="pallas"`, forward or gradient, and compiles it for one
 chip of a generation (`attnjax.aot.GENERATIONS`). The table says, per case and generation,
 "ok" or the compiler's error, the largest VMEM any of its Mosaic kernels was given
-(`used_scoped_memory_configs`, read from the compiled program) and the SMEM of the
-scalar-prefetch tables the kernels read (their operand bytes). It is written to
+(`used_scoped_memory_configs`, read from the compiled program) and the SMEM of the largest
+scalar-prefetch tables one kernel call reads (their operand bytes; a table split over calls
+counts per call). It is written to
 `benchmarks/results/tpu_compile.{md,json}`. `tests/hardware/test_tpu_compile.py` compiles the
 `CI` subset of the same cases.
 """
@@ -213,20 +214,21 @@ def ci_cases() -> list[Case]:
 
 
 def scalar_prefetch_bytes(fn: Callable, inputs) -> int:
-  """Bytes of the scalar-prefetch operands (SMEM tables) of every pallas_call in `fn`."""
-  total = 0
+  """Bytes of the largest scalar-prefetch operands (SMEM tables) of any one pallas_call in
+  `fn`: what must fit a chip's SMEM (a table split over several calls counts per call)."""
+  largest = 0
 
   def visit(jaxpr):
-    nonlocal total
+    nonlocal largest
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == "pallas_call":
         n = eqn.params["grid_mapping"].num_index_operands
-        total += sum(v.aval.size * v.aval.dtype.itemsize for v in eqn.invars[:n])
+        largest = max(largest, sum(v.aval.size * v.aval.dtype.itemsize for v in eqn.invars[:n]))
       for sub in _subjaxprs(eqn):
         visit(sub)
 
   visit(jax.make_jaxpr(fn)(*inputs).jaxpr)
-  return total
+  return largest
 
 
 def _subjaxprs(eqn):
@@ -284,7 +286,9 @@ def markdown(results: list[Result], generations: list[str]) -> str:
   """The table: one row per case, one column per generation."""
   table = {(r.label, r.generation): r for r in results}
   labels = list(dict.fromkeys(r.label for r in results))
-  header = "| case | " + " | ".join(generations) + " | VMEM (max kernel) | SMEM tables |"
+  header = (
+    "| case | " + " | ".join(generations) + " | VMEM (max kernel) | SMEM (largest call's tables) |"
+  )
   rows = [header, "|" + "---|" * (len(generations) + 3)]
   for label in labels:
     cells = []

@@ -22,7 +22,8 @@ Each kernel reads one scalar-prefetched step table (`StepTable`): per grid step 
 packing the step's kind, its block and the mask tile to have in VMEM. That tile is carried
 forward over FULL / EMPTY steps, so a partial tile is fetched only when the next partial step
 needs another one. The tables must fit SMEM (1 MiB on every generation): a call whose table
-does not is split into calls over consecutive row ranges, each table under `TABLE_SMEM_BYTES`.
+does not is split into calls over consecutive row ranges, each table under `TABLE_SMEM_BYTES`,
+each writing its rows of the full-size outputs in place (aliased to the previous call's).
 
 Layout inside: `[batch, heads, seq, dim]` (the wrapper transposes); lse / delta as
 `[batch, heads, seq, 1]` columns for the forward and dq kernels (read once per query row) and
