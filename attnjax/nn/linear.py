@@ -10,6 +10,8 @@ paper's layer has them, the output norm and gate of `attnjax.ops.linear.gates`.
 - `MultiScaleRetention` (`retention`): RetNet's rotary q, k and `swish(X W_G) * GroupNorm(Y)`.
 - `GatedLinearAttention` (`gla`): GLA's low-rank gate logits of the decay and
   `swish(X W_r + b_r) * LN(O)`.
+- `HGRN2Attention` (`hgrn2`): HGRN2's swish output gate, forget gate with a learned lower
+  bound per layer, and `RMSNorm(Y) W_O`.
 - `AgentAttention` (`agent`): `Attention`'s projections around agent attention (its cost is
   linear in the sequence length).
 
@@ -22,6 +24,8 @@ resetting the state at document starts needs per-token state resets in the chunk
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -31,7 +35,7 @@ from attnjax.nn.attention import Attention, resolve_heads
 from attnjax.nn.params import fan_in_init, param
 from attnjax.nn.rope import apply_rope
 from attnjax.nn.seq_parallel import SeqParallel, variant_op
-from attnjax.ops.linear import gates
+from attnjax.ops.linear import gates, hgrn2
 
 # Rank of GLA's low-rank decay projection `W_a1 [embed, 16] W_a2 [16, key_dim]` (Sec. 4.4).
 GLA_DECAY_RANK = 16
@@ -250,6 +254,87 @@ class GatedLinearAttention(LinearAttention):
     out = self.attend(q, k, v, gate_logits=decay_logits + self.decay_bias[...])
     gate_logits = self.project(x, self.gate) + self.gate_bias[...].astype(self.dtype)
     return self.project_out(gates.group_norm_swish_gate(out, gate_logits))
+
+
+class HGRN2Attention(LinearAttention):
+  """HGRN2's token mixer HGRU2 (Qin et al. 2024, arXiv 2404.07904, Eq. 3).
+
+      o_t = swish(x_t W_o),   z_t = x_t W_f,   i_t = x_t W_i
+      f_t = beta + (1 - beta) * sigmoid(z_t)                 (the op's; keys 1 - f_t)
+      Y = hgrn2_attention(o, 1 - f, i),   out = RMSNorm(Y) W_O
+
+  The parameters of `LinearAttention` hold `W_o` (`q [embed, heads, qk_dim]`), `W_f`
+  (`k [embed, kv_heads, qk_dim]`) and `W_i` (`v [embed, kv_heads, head_dim]`); `qk_dim` is
+  the paper's expand ratio (each head's state is `[qk_dim, head_dim]`). Interpretations:
+
+  - Activations follow the authors' released layer (flash-linear-attention's HGRN2Attention):
+    swish on the output gate `o_t`, none on the input `i_t`, no short convolution.
+  - RMSNorm is taken over all heads of a token, without a learned scale (`gates.srms_norm`;
+    `W_O` follows and absorbs one). The output gate of the layer is `o_t` itself: there is no
+    second gate.
+  - Lower bounds: HGRN (Qin et al. 2023, arXiv 2311.04823) learns one parameter
+    `[num_layers, channels]` for the whole stack and sets layer k's bound to the cumulative
+    softmax over layers, `beta^k = sum_{1 <= j <= k} softmax_j`, 0 in the first layer and
+    increasing with depth; zero-initialized, `beta^k = k / num_layers`. Mixers here are
+    built one layer at a time and share no parameter, so each layer learns its own bounds,
+    `beta = sigmoid(lower_bound_logits [kv_heads, qk_dim])`, initialized to the paper's
+    `layer / num_layers`: bounds increase with depth at initialization, but training does
+    not keep them ordered. Layer 0 has bound 0 and no such parameter, as in the paper.
+
+  Options: `layer` (this layer's index) and `num_layers` (default 0 of 1: bound 0), beside
+  `chunk_size` and `causal`. A `DecoderLM` passes one set of options (`mixer_options`) to
+  every layer of a variant, so its HGRN2 layers all get the same `layer`; bounds that differ
+  by depth need a stack that builds each mixer with its own index.
+  """
+
+  def __init__(
+    self,
+    embed_dim: int,
+    *,
+    variant: str = "hgrn2",
+    rngs: nnx.Rngs,
+    layer: int = 0,
+    num_layers: int = 1,
+    **kw,
+  ):
+    super().__init__(embed_dim, variant=variant, rngs=rngs, **kw)
+    if not 0 <= layer < num_layers:
+      raise ValueError(
+        f"layer must be an index among num_layers={num_layers} layers, got layer={layer}"
+      )
+    self.layer, self.num_layers = layer, num_layers
+    _, kv_heads, qk_dim = self.k.shape
+    # sigmoid(log(l / (L - l))) = l / L; one assignment, so NNX sees a Param or a static None.
+    self.lower_bound_logits = (
+      None
+      if layer == 0
+      else param(
+        rngs,
+        nnx.initializers.constant(math.log(layer / (num_layers - layer))),
+        (kv_heads, qk_dim),
+        ("kv_heads", None),
+      )
+    )
+
+  def lower_bound(self) -> float | jax.Array:
+    """`beta`: 0.0 in the first layer, else float32 `[kv_heads, qk_dim]` in (0, 1)."""
+    if self.lower_bound_logits is None:
+      return 0.0
+    return jax.nn.sigmoid(self.lower_bound_logits[...])
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    _no_packed_sequences(self.variant, segment_ids)
+    _, output_gate, forget_logits, inputs = self.project_qkv(x)
+    lower_bound = self.lower_bound()
+    keys = hgrn2.hgrn2_keys(forget_logits, lower_bound)
+    out = self.attend(
+      jax.nn.silu(output_gate),
+      keys,
+      inputs,
+      forget_logits=forget_logits,
+      lower_bound=lower_bound,
+    )
+    return self.project_out(gates.srms_norm(out))
 
 
 class AgentAttention(Attention):

@@ -1,6 +1,11 @@
 """Pure attention ops, one folder per family; importing this package registers all variants."""
 
-from attnjax.ops.linear import gla_attention, linear_attention, linear_attention_step
+from attnjax.ops.linear import (
+  gla_attention,
+  hgrn2_attention,
+  linear_attention,
+  linear_attention_step,
+)
 from attnjax.ops.neighborhood import neighborhood_attention
 from attnjax.ops.softmax import dot_product_attention
 from attnjax.ops.softmax.aaren import aaren, aaren_init_state, aaren_step
@@ -27,6 +32,7 @@ __all__ = [
   "gated_attention",
   "gaussian_attention",
   "gla_attention",
+  "hgrn2_attention",
   "linear_attention",
   "linear_attention_step",
   "moh_attention",

@@ -1,8 +1,8 @@
 """Linear-family variants, registered for models and configs (`attnjax.registry`).
 
-Each variant's op is a pure function of q, k, v (and per-token gate logits for GLA); its NNX
-mixer (`attnjax.nn.linear`) owns the projections and, where the paper's layer has them, the
-output norm and gate of `gates`. What each registered op computes (`phi` the feature map,
+Each variant's op is a pure function of q, k, v (and per-token gate logits for GLA and HGRN2);
+its NNX mixer (`attnjax.nn.linear`) owns the projections and, where the paper's layer has them,
+the output norm and gate of `gates`. What each registered op computes (`phi` the feature map,
 `scale` multiplying q before it, `a` the state decay):
 
 - `linear` (Katharopoulos et al. 2020, Sec. 3.2): `o_i = phi(q_i) sum_j phi(k_j) v_j^T /
@@ -12,6 +12,8 @@ output norm and gate of `gates`. What each registered op computes (`phi` the fea
   `feature_dim`), the expansion of `exp(q.k / sqrt(d))`.
 - `lightning`, `retention`: constant per-head decays (`lightning_attention`, `retention`).
 - `gla`: data-dependent vector decay (`gla.gla_attention`).
+- `hgrn2`: HGRN's lower-bounded forget gate as the vector decay, its complement as the key
+  (`hgrn2.hgrn2_attention`).
 - `lightnet`: additive recurrence (`lightnet.lightnet_attention`).
 - `flowformer`: flow-conservation normalization (`flowformer.flow_attention`).
 
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import registry
-from attnjax.ops.linear import api, decay, flowformer, gla, lightnet
+from attnjax.ops.linear import api, decay, flowformer, gla, hgrn2, lightnet
 
 # TransNormerLLM's queries and keys: swish(X W), unscaled (its norm after the op replaces the
 # softmax scaling).
@@ -123,6 +125,18 @@ def _gla_example(key, *, batch, seq, heads, kv_heads, head_dim):
   return (q, k, v), {"gate_logits": gate_logits}
 
 
+def _hgrn2_example(key, *, batch, seq, heads, kv_heads, head_dim):
+  q, _, v = registry.random_qkv(
+    key, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim
+  )
+  forget_logits = 2.0 * jax.random.normal(
+    jax.random.fold_in(key, 1), (batch, seq, kv_heads, head_dim)
+  )
+  lower_bound = jax.random.uniform(jax.random.fold_in(key, 2), (kv_heads, head_dim), maxval=0.9)
+  k = hgrn2.hgrn2_keys(forget_logits, lower_bound)
+  return (q, k, v), {"forget_logits": forget_logits, "lower_bound": lower_bound}
+
+
 _register(
   "linear",
   api.linear_attention,
@@ -154,6 +168,15 @@ _register(
   mixer="GatedLinearAttention",
   preset=gla.gla_keywords,
   example=_gla_example,
+)
+_register(
+  "hgrn2",
+  hgrn2.hgrn2_attention,
+  "Qin et al. 2024, HGRN2: Gated Linear RNNs with State Expansion (arXiv 2404.07904)",
+  "forget gate lb + (1 - lb) sigmoid, lb rising with depth; keys 1 - f; swish q, RMSNorm",
+  mixer="HGRN2Attention",
+  preset=hgrn2.hgrn2_keywords,
+  example=_hgrn2_example,
 )
 _register(
   "based",
