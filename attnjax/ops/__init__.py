@@ -1,5 +1,6 @@
 """Pure attention ops, one folder per family; importing this package registers all variants."""
 
+from attnjax.ops.delta import delta_rule_attention, delta_rule_step, gated_delta_rule_attention
 from attnjax.ops.linear import (
   gla_attention,
   hgrn2_attention,
@@ -26,10 +27,13 @@ __all__ = [
   "aaren_step",
   "agent_attention",
   "cca_attention",
+  "delta_rule_attention",
+  "delta_rule_step",
   "diffqkv_attention",
   "disentangled_attention",
   "dot_product_attention",
   "gated_attention",
+  "gated_delta_rule_attention",
   "gaussian_attention",
   "gla_attention",
   "hgrn2_attention",

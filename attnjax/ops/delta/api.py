@@ -109,9 +109,9 @@ def delta_rule_attention(
 
 def document_carry(segment_ids, batch: int, seq: int) -> jax.Array:
   """`[batch, seq]` bool: False where a document starts after the first token (the state
-  entering it is dropped); all True for `segment_ids=None`."""
+  entering it is dropped); None for `segment_ids=None`."""
   if segment_ids is None:
-    return jnp.ones((batch, seq), bool)
+    return None
   segment_ids = jnp.asarray(segment_ids)
   if segment_ids.shape != (batch, seq) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
     raise ValueError(

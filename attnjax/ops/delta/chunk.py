@@ -30,8 +30,8 @@ import jax.numpy as jnp
 
 def delta_rule_attention(q, k, v, beta, *, log_decay, carry, initial_state, scale, chunk_size):
   """`q [b, t, h, dk]`, `k [b, t, hk, dk]`, `v [b, t, hk, dv]`, `beta`, `log_decay [b, t, h]`,
-  `carry [b, t]` bool, `initial_state [b, h, dk, dv]` -> (`out [b, t, h, dv]`,
-  `final_state [b, h, dk, dv]`), float32."""
+  `carry [b, t]` bool (None: no document starts), `initial_state [b, h, dk, dv]` ->
+  (`out [b, t, h, dv]`, `final_state [b, h, dk, dv]`), float32."""
   batch, seq, heads, key_dim = q.shape
   groups = heads // k.shape[2]
   chunk = min(chunk_size, seq)
@@ -51,12 +51,7 @@ def delta_rule_attention(q, k, v, beta, *, log_decay, carry, initial_state, scal
   beta_c = to_chunks(beta)[..., None]  # [b, h, n, C, 1]
   g = jnp.cumsum(to_chunks(log_decay), axis=3)  # G: [b, h, n, C]
 
-  # Tokens of one document share a run id; the entering state belongs to run 0.
-  run = jnp.pad(jnp.cumsum(~carry, axis=1), pad, mode="edge").reshape(batch, num_chunks, chunk)
-  run_before = jnp.concatenate([jnp.zeros_like(run[:, :1, -1]), run[:, :-1, -1]], axis=1)
-  same = (run[..., :, None] == run[..., None, :])[:, None]  # [b, 1, n, C, C]
-  from_state = (run == run_before[..., None])[:, None]  # [b, 1, n, C]
-
+  same, from_state = _document_masks(carry, batch, num_chunks, chunk, pad)
   lower = jnp.tril(jnp.ones((chunk, chunk), bool))
   strict = lower & ~jnp.eye(chunk, dtype=bool)
 
@@ -66,18 +61,17 @@ def delta_rule_attention(q, k, v, beta, *, log_decay, carry, initial_state, scal
 
   kk = jnp.einsum("bhnif,bhnjf->bhnij", k_c, k_c)
   a = beta_c * decays(strict) * kk
-  unit_lower = a + jnp.eye(chunk)
+
   state_decay = jnp.where(from_state, jnp.exp(g), 0.0)[..., None]  # [b, h, n, C, 1]
-
-  def solve(rhs):
-    return jax.scipy.linalg.solve_triangular(unit_lower, rhs, lower=True, unit_diagonal=True)
-
-  u = solve(beta_c * v_c)  # [b, h, n, C, dv]
-  w_k = solve(beta_c * state_decay * k_c)  # [b, h, n, C, dk]
+  inverse = unit_lower_inverse(a)  # (I + A)^-1: [b, h, n, C, C]
+  u = inverse @ (beta_c * v_c)  # [b, h, n, C, dv]
+  w_k = inverse @ (beta_c * state_decay * k_c)  # [b, h, n, C, dk]
   p = decays(lower) * jnp.einsum("bhnif,bhnjf->bhnij", q_c, k_c)
   query_state = q_c * state_decay - jnp.einsum("bhnij,bhnjf->bhnif", p, w_k)
 
-  to_end = jnp.exp(g[..., -1:] - g) * same[..., -1, :]  # [b, h, n, C]
+  to_end = jnp.exp(g[..., -1:] - g)  # [b, h, n, C]
+  if carry is not None:
+    to_end = to_end * same[..., -1, :]
   k_end = k_c * to_end[..., None]
   transition = state_decay[..., -1, :, None] * jnp.eye(key_dim) - jnp.einsum(
     "bhncf,bhncg->bhnfg", k_end, w_k
@@ -98,3 +92,43 @@ def delta_rule_attention(q, k, v, beta, *, log_decay, carry, initial_state, scal
   out = out + jnp.einsum("bhncf,bhnfv->bhncv", query_state, states_before)
   out = scale * jnp.moveaxis(out, 1, 3).reshape(batch, padded, heads, -1)
   return out[:, :seq], final_state
+
+
+def _document_masks(carry, batch: int, num_chunks: int, chunk: int, pad):
+  """(`same [b, 1, n, C, C]`: tokens i, j of a chunk are in one document; `from_state
+  [b, 1, n, C]`: token i is in the document of the state entering its chunk), or (True, True)
+  for `carry=None`. Tokens of one document share a run id; the initial state's is 0."""
+  if carry is None:
+    return True, True
+  run = jnp.pad(jnp.cumsum(~carry, axis=1), pad, mode="edge").reshape(batch, num_chunks, chunk)
+  run_before = jnp.concatenate([jnp.zeros_like(run[:, :1, -1]), run[:, :-1, -1]], axis=1)
+  same = (run[..., :, None] == run[..., None, :])[:, None]
+  return same, (run == run_before[..., None])[:, None]
+
+
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+  """`(I + a)^-1` for strictly lower triangular `a [..., C, C]` (its other entries are not read).
+
+  Block inversion from the diagonal out, all chunks at once: with the inverses `T11`, `T22` of
+  two neighbouring diagonal blocks, the block of twice the size has `T21 = -T22 a21 T11`. Only
+  batched matmuls (`log2 C` rounds), where row-by-row substitution would make `C` passes over
+  the right-hand side (and XLA's batched `solve_triangular` is about 100x slower on CPU).
+  """
+  size = a.shape[-1]
+  padded = 1 << max(size - 1, 0).bit_length()
+  pad = [(0, 0)] * (a.ndim - 2) + [(0, padded - size)] * 2
+  a = jnp.tril(jnp.pad(a, pad), -1)
+  batch = a.shape[:-2]
+  inverse = jnp.ones((*batch, padded, 1, 1), a.dtype)  # the 1 x 1 diagonal blocks
+  block = 1
+  while block < padded:
+    count = padded // (2 * block)
+    pairs = a.reshape(*batch, count, 2 * block, count, 2 * block)
+    pairs = jnp.moveaxis(jnp.diagonal(pairs, axis1=-4, axis2=-2), -1, -3)  # [.., count, 2b, 2b]
+    halves = inverse.reshape(*batch, count, 2, block, block)
+    t11, t22 = halves[..., 0, :, :], halves[..., 1, :, :]
+    t21 = -t22 @ pairs[..., block:, :block] @ t11
+    top = jnp.concatenate([t11, jnp.zeros_like(t11)], axis=-1)
+    inverse = jnp.concatenate([top, jnp.concatenate([t21, t22], axis=-1)], axis=-2)
+    block *= 2
+  return inverse[..., 0, :size, :size]

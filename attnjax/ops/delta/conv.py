@@ -27,7 +27,8 @@ def short_convolution(x: jax.Array, weight: jax.Array, segment_ids=None) -> jax.
       f"weight {weight.shape}"
     )
   batch, seq, _ = x.shape
-  run = jnp.cumsum(~document_carry(segment_ids, batch, seq), axis=1)
+  carry = document_carry(segment_ids, batch, seq)
+  run = jnp.zeros((batch, seq), jnp.int32) if carry is None else jnp.cumsum(~carry, axis=1)
   out = jnp.zeros(x.shape, jnp.float32)
   for lag in range(min(weight.shape[0], seq)):
     shifted = jnp.pad(x, [(0, 0), (lag, 0), (0, 0)])[:, :seq]

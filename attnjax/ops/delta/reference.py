@@ -24,11 +24,13 @@ def delta_step(state, q_t, k_t, v_t, beta_t, log_decay_t, scale: float):
 
 def delta_rule_attention(q, k, v, beta, *, log_decay, carry, initial_state, scale, chunk_size):
   """`q [b, t, h, dk]`, `k [b, t, hk, dk]`, `v [b, t, hk, dv]`, `beta`, `log_decay [b, t, h]`,
-  `carry [b, t]` bool, `initial_state [b, h, dk, dv]` -> (`out [b, t, h, dv]`,
-  `final_state [b, h, dk, dv]`), float32. `chunk_size` is accepted for a uniform signature and
-  ignored."""
+  `carry [b, t]` bool (None: no document starts), `initial_state [b, h, dk, dv]` ->
+  (`out [b, t, h, dv]`, `final_state [b, h, dk, dv]`), float32. `chunk_size` is accepted for
+  a uniform signature and ignored."""
   del chunk_size
   groups = q.shape[2] // k.shape[2]
+  if carry is None:
+    carry = jnp.ones(q.shape[:2], bool)
   q = q.astype(jnp.float32)
   k, v = (jnp.repeat(x.astype(jnp.float32), groups, axis=2) for x in (k, v))
 

@@ -264,3 +264,22 @@ def test_gated_op_needs_a_decay():
   (q, k, v, beta), _ = _inputs(14)
   with pytest.raises(ValueError, match="log_decay"):
     gated.gated_delta_rule_attention(q, k, v, beta, log_decay=None)
+
+
+@pytest.mark.parametrize("size", [1, 9, 16])
+def test_unit_lower_inverse_and_its_gradient_equal_a_dense_inverse(size):
+  from attnjax.ops.delta import chunk
+
+  keys = jax.random.split(jax.random.key(15), 2)
+  a = jnp.tril(0.3 * random_normal(keys[0], (3, size, size)), -1)
+  weights = random_normal(keys[1], (3, size, size))
+
+  def dense(a):
+    return jnp.linalg.inv(jnp.eye(size) + jnp.tril(a, -1))
+
+  def loss(inverse):
+    return lambda a: jnp.sum(inverse(a) * weights)
+
+  assert_close(chunk.unit_lower_inverse(a), dense(a), TOL_EXACT_F32, "inverse")
+  got, want = (jax.grad(loss(f))(a) for f in (chunk.unit_lower_inverse, dense))
+  assert_close(got, jnp.tril(want, -1), TOL_EXACT_F32, "gradient")
