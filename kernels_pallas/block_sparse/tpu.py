@@ -708,7 +708,7 @@ def _dq_rows(st: _Static, layout: StepTable, table, tiles, q, k, v, do, lse, del
       ),
       operands=[q, k, v, do, lse, delta, *_side_args(st, q_seg, kv_seg, tiles, None, False)],
       logits_tile=tile,
-      live_tiles=4,  # logits, probabilities, their gradients
+      live_tiles=3,  # probabilities (over the logits), their gradient, ds
       cost=_cost(
         visits,
         2 * d + dv,
