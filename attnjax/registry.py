@@ -40,9 +40,11 @@ FAMILIES = ("softmax", "linear", "neighborhood")
 #   "state": a preset of `linear_attention`; LASP-2 and ZeCO pass per-device states.
 #   "heads": any op of q, k, v and static keywords returning `(out, lse)`; Ulysses only (the
 #            op runs whole sequences for a subset of heads).
+#   "delta": a delta-rule op (`attnjax.ops.delta`); LASP-2 passes per-device (transition,
+#            state) summaries (`attnjax.parallel.delta_rule`).
 #   None:    not split (run it with `mesh.shape.seq=1`).
-Split = Literal["mask", "state", "heads"]
-SPLITS = ("mask", "state", "heads", None)
+Split = Literal["mask", "state", "heads", "delta"]
+SPLITS = ("mask", "state", "heads", "delta", None)
 
 
 class Unsupported(ValueError):  # noqa: N818 - reads better at raise sites: `raise Unsupported(...)`

@@ -9,7 +9,8 @@ and returns global arrays sharded the same way.
 
 Strategies by family:
   softmax (`dot_product_attention`): "ring" (zigzag by default), "allgather", "ulysses";
-  linear (`linear_attention`): "lasp2", "zeco".
+  linear (`linear_attention`): "lasp2", "zeco";
+  delta rule (`delta_rule_attention` and its variants): "lasp2".
 "lasp2h" (hybrid models, LASP-2H) is "allgather" for softmax ops and "lasp2" for linear ops.
 Arrays are in natural order; ring also takes them in its zigzag layout (`layout="zigzag"`,
 see `attnjax.parallel.layout`), as a model that lays its tokens out once passes them.
@@ -18,7 +19,8 @@ see `attnjax.parallel.layout`), as a model that lays its tokens out once passes 
 "mask" (the mask presets "softmax", "sliding_window", ...: their options, e.g. `window=`,
 become the mask of `dot_product_attention`), "state" (variants presetting `linear_attention`'s
 keywords or a per-head decay computed from the head count, which every shard receives), or
-"heads" (Ulysses only: the variant's own op runs whole sequences for a subset of heads).
+"heads" (Ulysses only: the variant's own op runs whole sequences for a subset of heads), or
+"delta" (the delta-rule variants: their own op runs each shard from the state LASP-2 passes).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ import numpy as np
 
 from attnjax import masks as masks_lib
 from attnjax import registry
+from attnjax.ops.delta import delta_rule_attention
 from attnjax.ops.linear import linear_attention
 from attnjax.ops.softmax import dot_product_attention
-from attnjax.parallel import allgather, chunk_pairs, lasp2, ring, ulysses, zeco
+from attnjax.parallel import allgather, chunk_pairs, delta_rule, lasp2, ring, ulysses, zeco
 from attnjax.parallel import layout as layout_lib
 from attnjax.parallel import mesh as mesh_lib
 
@@ -50,11 +53,17 @@ LINEAR_STRATEGIES: dict[str, Callable] = {
   "zeco": zeco.linear_attention,
   "lasp2h": lasp2.linear_attention,
 }
-DEFAULT_STRATEGY = {"softmax": "ring", "linear": "lasp2"}
+DELTA_STRATEGIES: dict[str, Callable] = {
+  "lasp2": delta_rule.delta_rule_attention,
+  "lasp2h": delta_rule.delta_rule_attention,
+}
+STRATEGIES = {"softmax": SOFTMAX_STRATEGIES, "linear": LINEAR_STRATEGIES, "delta": DELTA_STRATEGIES}
+DEFAULT_STRATEGY = {"softmax": "ring", "linear": "lasp2", "delta": "lasp2"}
 
 # Keyword arguments of each op, read from its signature.
 _SOFTMAX_ARGS = frozenset(inspect.signature(dot_product_attention).parameters) - {"q", "k", "v"}
 _LINEAR_ARGS = frozenset(inspect.signature(linear_attention).parameters) - {"q", "k", "v"}
+_DELTA_ARGS = frozenset(inspect.signature(delta_rule_attention).parameters) - {"q", "k", "v"}
 
 
 def _resolve(op) -> tuple[Callable, str, Callable[[dict, int], dict], bool]:
@@ -71,8 +80,10 @@ def _resolve(op) -> tuple[Callable, str, Callable[[dict, int], dict], bool]:
     split = variant.capabilities.split
     if split is None:
       raise _unsupported(variant.name)
-    if split == "heads":
-      return variant.op, "softmax", lambda kwargs, heads: {**variant.defaults, **kwargs}, True
+    if split in ("heads", "delta"):
+      family = "softmax" if split == "heads" else "delta"
+      opaque = split == "heads"
+      return variant.op, family, lambda kwargs, heads: {**variant.defaults, **kwargs}, opaque
     base, family = BASE_OPS[split]
     return (
       base,
@@ -98,6 +109,8 @@ def _resolve(op) -> tuple[Callable, str, Callable[[dict, int], dict], bool]:
     return op, "softmax", merged, False
   if op is linear_attention:
     return op, "linear", merged, False
+  if op is delta_rule_attention:
+    return op, "delta", merged, False
   raise _unsupported(getattr(op, "__name__", op))
 
 
@@ -144,7 +157,7 @@ def sequence_parallel(
     A function with `op`'s signature on global arrays.
   """
   func, family, prepare, opaque = _resolve(op)
-  strategies = SOFTMAX_STRATEGIES if family == "softmax" else LINEAR_STRATEGIES
+  strategies = STRATEGIES[family]
   strategy = DEFAULT_STRATEGY[family] if strategy is None else strategy
   if strategy not in strategies:
     raise ValueError(
@@ -171,6 +184,8 @@ def sequence_parallel(
   run = functools.partial(strategies[strategy], **options)
   if family == "softmax":
     wrapped = _softmax(func, prepare, jax.jit(run, static_argnums=0))
+  elif family == "delta":
+    wrapped = _delta(func, prepare, jax.jit(run, static_argnums=0, static_argnames="op_kwargs"))
   else:
     wrapped = _linear(func, prepare, jax.jit(run, static_argnums=0, static_argnames="op_kwargs"))
   wrapped.__doc__ = (
@@ -246,6 +261,33 @@ def _linear(op: Callable, prepare: Callable[[dict, int], dict], run: Callable) -
         )
     options = tuple(sorted(kwargs.items()))
     out, final_state = run(op, q, k, v, log_decay, initial_state, op_kwargs=options)
+    return (out, final_state) if return_final_state else out
+
+  return attention
+
+
+def _delta(op: Callable, prepare: Callable[[dict, int], dict], run: Callable) -> Callable:
+  def attention(q, k, v, beta=None, **kwargs):
+    kwargs = prepare(kwargs, q.shape[2])
+    beta = kwargs.pop("beta", beta)
+    _check_args(kwargs, _DELTA_ARGS, "delta_rule_attention")
+    if beta is None:
+      raise ValueError("delta_rule_attention needs beta [batch, seq, heads]")
+    arrays = {
+      name: kwargs.pop(name, None) for name in ("log_decay", "initial_state", "segment_ids")
+    }
+    return_final_state = kwargs.pop("return_final_state", False)
+    per_token = q.shape[:3]
+    for name, x in (("beta", beta), ("log_decay", arrays["log_decay"])):
+      if x is not None and jnp.shape(x) != per_token:
+        raise ValueError(
+          f"{name} must be [batch, seq, heads] = {per_token}, got shape {jnp.shape(x)}"
+        )
+    ids = arrays["segment_ids"]
+    if ids is not None and jnp.shape(ids) != q.shape[:2]:
+      raise ValueError(f"segment_ids must be [batch, seq] = {q.shape[:2]}, got {jnp.shape(ids)}")
+    options = tuple(sorted(kwargs.items()))
+    out, final_state = run(op, q, k, v, jnp.asarray(beta), *arrays.values(), op_kwargs=options)
     return (out, final_state) if return_final_state else out
 
   return attention

@@ -12,6 +12,7 @@ STRATEGIES = {
   "mask": ("ring", "allgather", "ulysses"),
   "state": ("lasp2", "zeco"),
   "heads": ("ulysses",),
+  "delta": ("lasp2",),
 }
 CASES = [
   (name, strategy)

@@ -24,21 +24,76 @@ entering state for the tokens after the start. Same signature and function as
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+
+
+class _ChunkTerms(NamedTuple):
+  """Per-chunk pieces of the chunked delta rule (`[b, h, n, ...]`, float32)."""
+
+  p: jax.Array  # [C, C] decayed causal scores
+  u: jax.Array  # [C, dv] values written from a zero state
+  query_state: jax.Array  # [C, dk] how each output reads the entering state
+  transition: jax.Array  # [dk, dk] how the chunk maps the entering state to its end
+  update: jax.Array  # [dk, dv] the chunk's end state from a zero state
 
 
 def delta_rule_attention(q, k, v, beta, *, log_decay, carry, initial_state, scale, chunk_size):
   """`q [b, t, h, dk]`, `k [b, t, hk, dk]`, `v [b, t, hk, dv]`, `beta`, `log_decay [b, t, h]`,
   `carry [b, t]` bool (None: no document starts), `initial_state [b, h, dk, dv]` ->
   (`out [b, t, h, dv]`, `final_state [b, h, dk, dv]`), float32."""
+  batch, seq, heads, _ = q.shape
+  terms = _chunk_terms(q, k, v, beta, log_decay, carry, chunk_size)
+
+  def carry_state(state, xs):
+    step_transition, step_update = xs
+    return jnp.einsum("bhfg,bhgv->bhfv", step_transition, state) + step_update, state
+
+  final_state, states_before = jax.lax.scan(
+    carry_state,
+    initial_state.astype(jnp.float32),
+    (jnp.moveaxis(terms.transition, 2, 0), jnp.moveaxis(terms.update, 2, 0)),
+  )
+  states_before = jnp.moveaxis(states_before, 0, 2)  # [b, h, n, dk, dv]
+  out = jnp.einsum("bhnij,bhnjv->bhniv", terms.p, terms.u)
+  out = out + jnp.einsum("bhncf,bhnfv->bhncv", terms.query_state, states_before)
+  out = scale * jnp.moveaxis(out, 1, 3).reshape(batch, -1, heads, out.shape[-1])
+  return out[:, :seq], final_state
+
+
+def sequence_summary(q, k, v, beta, *, log_decay, carry, chunk_size):
+  """The whole sequence as one affine map of the state entering it: (`transition [b, h, dk,
+  dk]`, `update [b, h, dk, dv]`) with `final = transition @ initial + update` (what LASP-2
+  passes between devices for the delta rule). Arguments as `delta_rule_attention`."""
+  terms = _chunk_terms(q, k, v, beta, log_decay, carry, chunk_size)
+
+  def compose(summary, xs):
+    transition, update = summary
+    step_transition, step_update = xs
+    transition = jnp.einsum("bhfg,bhgk->bhfk", step_transition, transition)
+    update = jnp.einsum("bhfg,bhgv->bhfv", step_transition, update) + step_update
+    return (transition, update), None
+
+  batch, heads, _, key_dim, value_dim = terms.update.shape
+  start = (
+    jnp.broadcast_to(jnp.eye(key_dim), (batch, heads, key_dim, key_dim)),
+    jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32),
+  )
+  xs = (jnp.moveaxis(terms.transition, 2, 0), jnp.moveaxis(terms.update, 2, 0))
+  summary, _ = jax.lax.scan(compose, start, xs)
+  return summary
+
+
+def _chunk_terms(q, k, v, beta, log_decay, carry, chunk_size) -> _ChunkTerms:
+  """Everything of the chunked form that does not depend on the entering state."""
   batch, seq, heads, key_dim = q.shape
   groups = heads // k.shape[2]
   chunk = min(chunk_size, seq)
   num_chunks = -(-seq // chunk)
-  padded = num_chunks * chunk
   # Zero-padded tokens (beta = 0, no decay) leave the state as it is.
-  pad = [(0, 0), (0, padded - seq)]
+  pad = [(0, 0), (0, num_chunks * chunk - seq)]
 
   def to_chunks(x):  # [b, t, h, ...] -> [b, h, n, C, ...], float32, zero-padded
     x = jnp.pad(x.astype(jnp.float32), pad + [(0, 0)] * (x.ndim - 2))
@@ -61,7 +116,6 @@ def delta_rule_attention(q, k, v, beta, *, log_decay, carry, initial_state, scal
 
   kk = jnp.einsum("bhnif,bhnjf->bhnij", k_c, k_c)
   a = beta_c * decays(strict) * kk
-
   state_decay = jnp.where(from_state, jnp.exp(g), 0.0)[..., None]  # [b, h, n, C, 1]
   inverse = unit_lower_inverse(a)  # (I + A)^-1: [b, h, n, C, C]
   u = inverse @ (beta_c * v_c)  # [b, h, n, C, dv]
@@ -77,21 +131,7 @@ def delta_rule_attention(q, k, v, beta, *, log_decay, carry, initial_state, scal
     "bhncf,bhncg->bhnfg", k_end, w_k
   )
   update = jnp.einsum("bhncf,bhncv->bhnfv", k_end, u)
-
-  def carry_state(state, xs):
-    step_transition, step_update = xs
-    return jnp.einsum("bhfg,bhgv->bhfv", step_transition, state) + step_update, state
-
-  final_state, states_before = jax.lax.scan(
-    carry_state,
-    initial_state.astype(jnp.float32),
-    (jnp.moveaxis(transition, 2, 0), jnp.moveaxis(update, 2, 0)),
-  )
-  states_before = jnp.moveaxis(states_before, 0, 2)  # [b, h, n, dk, dv]
-  out = jnp.einsum("bhnij,bhnjv->bhniv", p, u)
-  out = out + jnp.einsum("bhncf,bhnfv->bhncv", query_state, states_before)
-  out = scale * jnp.moveaxis(out, 1, 3).reshape(batch, padded, heads, -1)
-  return out[:, :seq], final_state
+  return _ChunkTerms(p, u, query_state, transition, update)
 
 
 def _document_masks(carry, batch: int, num_chunks: int, chunk: int, pad):

@@ -4,9 +4,10 @@
 - `gated_deltanet` (Yang, Kautz and Hatamizadeh 2024, arXiv 2412.06464): with Mamba-2's
   data-dependent decay per head (`gated.gated_delta_rule_attention`).
 
-Both carry a state (a one-token `step`) and restart at document starts (`segment_ids`). They
-do not split under sequence parallelism yet: the per-chunk transition is a matrix, which
-LASP-2 and ZeCO would have to pass instead of a diagonal decay.
+Both carry a state (a one-token `step`) and restart at document starts (`segment_ids`). Under
+sequence parallelism (split "delta") LASP-2 passes per-device (transition, state) summaries,
+since the per-chunk transition is a matrix rather than a diagonal decay
+(`attnjax.parallel.delta_rule`); ZeCO does not take them yet.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 from attnjax import registry
 from attnjax.ops.delta import api, gated
 
-_CAPABILITIES = registry.Capabilities(causal=True, segment_ids=True, state=True)
+_CAPABILITIES = registry.Capabilities(causal=True, segment_ids=True, state=True, split="delta")
 
 
 def _example(key, *, batch, seq, heads, kv_heads, head_dim, gated_decay=False):
