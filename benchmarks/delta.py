@@ -16,25 +16,17 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 
 import attnjax as aj
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from linear import seconds  # noqa: E402  (the same median-of-repeats timer)
+
 RESULTS = pathlib.Path(__file__).parent / "results"
-
-
-def seconds(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def flops(fn, args) -> float:
