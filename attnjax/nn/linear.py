@@ -153,10 +153,12 @@ class LightningAttention(LinearAttention):
       O = SRMSNorm(lightning_attention(Q, K, V)) * U,   out = O W_O
 
   Parameters beyond `LinearAttention`: `gate [embed, heads, head_dim]` (`W_u`). Options
-  `layer`, `num_layers` choose the decay of this layer's depth.
+  `layer`, `num_layers` choose the decay of this layer's depth; a `DecoderLM` passes each
+  layer its own (`TAKES_DEPTH`).
   """
 
   OPTIONS = (*LinearAttention.OPTIONS, "layer", "num_layers")
+  TAKES_DEPTH = True
 
   def __init__(self, embed_dim: int, *, variant: str = "lightning", rngs: nnx.Rngs, **kw):
     super().__init__(embed_dim, variant=variant, rngs=rngs, **kw)
@@ -282,10 +284,10 @@ class HGRN2Attention(LinearAttention):
     not keep them ordered. Layer 0 has bound 0 and no such parameter, as in the paper.
 
   Options: `layer` (this layer's index) and `num_layers` (default 0 of 1: bound 0), beside
-  `chunk_size` and `causal`. A `DecoderLM` passes one set of options (`mixer_options`) to
-  every layer of a variant, so its HGRN2 layers all get the same `layer`; bounds that differ
-  by depth need a stack that builds each mixer with its own index.
+  `chunk_size` and `causal`; a `DecoderLM` passes each layer its own index (`TAKES_DEPTH`).
   """
+
+  TAKES_DEPTH = True
 
   def __init__(
     self,

@@ -74,6 +74,9 @@ class DecoderLM(nnx.Module):
     num_heads, num_kv_heads, head_dim: passed to every mixer.
     layer_pattern: mixer names, see `parse_layer_pattern`.
     mixer_options: per-variant keyword options, `{"sliding_window": {"window": 16}}`.
+      A mixer whose math depends on its depth (`TAKES_DEPTH`: Lightning's decay, HGRN2's
+      lower bounds) gets `layer` (its index among all `depth` layers, softmax ones included)
+      and `num_layers=depth` unless its options set them.
     tie_embeddings: logits use the embedding matrix (else a separate `head [embed, vocab]`).
     dtype: activation dtype (parameters stay float32).
     seq_parallel: run every mixer's attention op with the sequence split over a mesh axis
@@ -117,8 +120,12 @@ class DecoderLM(nnx.Module):
         seq_parallel.check(name, mixer_options.get(name, {}))
       parallel_options = {"seq_parallel": seq_parallel}
     blocks = []
-    for name in self.layer_names:
-      mixer = registry.mixer_class(name)(
+    for index, name in enumerate(self.layer_names):
+      mixer_class = registry.mixer_class(name)
+      options = mixer_options.get(name, {})
+      if getattr(mixer_class, "TAKES_DEPTH", False):
+        options = {"layer": index, "num_layers": depth, **options}
+      mixer = mixer_class(
         embed_dim,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
@@ -126,7 +133,7 @@ class DecoderLM(nnx.Module):
         variant=name,
         rngs=rngs,
         **parallel_options,
-        **mixer_options.get(name, {}),
+        **options,
       )
       blocks.append(Block(embed_dim, mlp_dim, mixer, rngs=rngs, dtype=dtype))
     self.blocks = nnx.List(blocks)

@@ -131,6 +131,19 @@ def test_runs_in_a_decoder_lm_hybrid():
   assert logits.shape == (1, 7, 16) and bool(jnp.all(jnp.isfinite(logits)))
 
 
+def test_a_decoder_lm_gives_each_layer_its_depth_and_bound():
+  def model(**options):
+    return aj.nn.DecoderLM(vocab_size=16, embed_dim=16, depth=4, num_heads=2, mlp_dim=0,
+                           rngs=nnx.Rngs(0), layer_pattern="softmax,hgrn2", **options)  # fmt: skip
+
+  mixers = [block.mixer for block in model().blocks[1::2]]
+  assert [(m.layer, m.num_layers) for m in mixers] == [(1, 4), (3, 4)]
+  for mixer, bound in zip(mixers, (0.25, 0.75), strict=True):
+    np.testing.assert_allclose(mixer.lower_bound(), np.full((2, 8), bound), rtol=1e-6)
+  pinned = model(mixer_options={"hgrn2": {"layer": 0, "num_layers": 1}})
+  assert all(block.mixer.lower_bound() == 0.0 for block in pinned.blocks[1::2])
+
+
 def test_bad_layers_raise():
   with pytest.raises(ValueError, match="layer must be an index among num_layers=2"):
     build(layer=2, num_layers=2)

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from attnjax import registry
+from attnjax.nn import DecoderLM
 from attnjax.nn.linear import GatedLinearAttention, LinearAttention
 from attnjax.nn.rope import apply_rope
 from attnjax.ops.linear import decay
@@ -113,6 +114,19 @@ def test_lightning_is_srms_normed_swish_attention_times_its_gate():
   flat = o.reshape(*o.shape[:2], -1)  # SRMSNorm over all heads of a token
   o = o / jnp.sqrt((flat**2).mean(-1) + 1e-6)[..., None, None]
   assert_close(mixer(x), out_projection(mixer, o * u), TOL_BLOCKED_F32, "lightning")
+
+
+def test_a_decoder_lm_gives_lightning_layers_the_decay_of_their_depth():
+  model = DecoderLM(vocab_size=11, embed_dim=EMBED, depth=3, num_heads=HEADS, num_kv_heads=KV_HEADS,
+                    mlp_dim=0, rngs=nnx.Rngs(0), layer_pattern="lightning")  # fmt: skip
+  for index, block in enumerate(model.blocks):
+    mixer, x = block.mixer, embeddings(index)
+    assert dict(mixer.op_options) == {"layer": index, "num_layers": 3}
+    q, k, v, u = (project(x, w) for w in (mixer.q, mixer.k, mixer.v, mixer.gate))
+    log_decay = jnp.broadcast_to(decay.lightning_log_decay(HEADS, index, 3)[:, None], q.shape)
+    o = decayed(jax.nn.silu(q), jax.nn.silu(k), v, log_decay)
+    o = o / jnp.sqrt((o.reshape(*o.shape[:2], -1) ** 2).mean(-1) + 1e-6)[..., None, None]
+    assert_close(mixer(x), out_projection(mixer, o * u), TOL_BLOCKED_F32, f"layer {index}")
 
 
 def test_retention_is_rotary_retention_group_normed_and_swish_gated():
