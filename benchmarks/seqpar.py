@@ -3,6 +3,8 @@
     python benchmarks/seqpar.py            # T = 16k, 64k, 256k (compile only) + wall time at 4k
     python benchmarks/seqpar.py --quick    # T = 16k only
     python benchmarks/seqpar.py --strategies=lasp2,zeco,ulysses   # a subset (a minute)
+    python benchmarks/seqpar.py --strategies=delta_lasp2,delta_zeco \
+      --model-strategies=delta_lasp2,delta_zeco --update   # rerun some, keep the other rows
 
 The full run took about 30 minutes on 2 shared CPU cores, almost all of it compiling the ring
 (P steps x 4 chunk pairs, each pair's branches compiled once, forward and backward).
@@ -10,7 +12,8 @@ The full run took about 30 minutes on 2 shared CPU cores, almost all of it compi
 For each strategy (softmax: ring on arrays in its zigzag layout, as a model that lays its
 sequence out once passes them; ring_natural: a standalone ring call on natural-order arrays,
 which moves q, k, v and the outputs into the zigzag layout and back; allgather, ulysses,
-under a causal mask; linear: lasp2, zeco with a data-dependent scalar decay) and sequence
+under a causal mask; linear: lasp2, zeco with a data-dependent scalar decay; the gated delta
+rule: delta_lasp2, delta_zeco, beta 1/2 and the same decay) and sequence
 length, one attention layer's forward and its training step (forward + backward) are
 compiled for a mesh of 8 devices on the `seq` axis. From the compiled HLO
 (`attnjax.parallel.comms`) it reads every collective and the bytes each device sends (loop
@@ -46,7 +49,7 @@ from flax import nnx  # noqa: E402
 
 from attnjax import masks, nn  # noqa: E402
 from attnjax.nn.seq_parallel import SeqParallel  # noqa: E402
-from attnjax.ops import dot_product_attention, linear_attention  # noqa: E402
+from attnjax.ops import delta_rule_attention, dot_product_attention, linear_attention  # noqa: E402
 from attnjax.parallel import comms, sequence_parallel  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -56,14 +59,21 @@ BATCH, HEADS, KV_HEADS, HEAD_DIM = 1, 8, 2, 32
 DTYPE = jnp.float32
 SOFTMAX = ("ring", "ring_natural", "allgather", "ulysses")
 # name -> (strategy, options): ring as models call it, and on natural-order arrays.
-OPTIONS = {"ring": ("ring", {"layout": "zigzag"}), "ring_natural": ("ring", {})}
+OPTIONS = {
+  "ring": ("ring", {"layout": "zigzag"}),
+  "ring_natural": ("ring", {}),
+  "delta_lasp2": ("lasp2", {}),
+  "delta_zeco": ("zeco", {}),
+}
 LINEAR = ("lasp2", "zeco")
-MODEL_STRATEGIES = ("ring", "allgather", "ulysses", "lasp2", "zeco")
+DELTA = ("delta_lasp2", "delta_zeco")
+STATE = LINEAR + DELTA  # strategies passing states, on as many kv heads as query heads
+MODEL_STRATEGIES = ("ring", "allgather", "ulysses", *STATE)
 MODEL_DEPTH, MODEL_VOCAB = 4, 256
 
 
 def _inputs(strategy: str, seq_len: int):
-  kv_heads = HEADS if strategy in LINEAR else KV_HEADS
+  kv_heads = HEADS if strategy in STATE else KV_HEADS
   q = jax.ShapeDtypeStruct((BATCH, seq_len, HEADS, HEAD_DIM), DTYPE)
   kv = jax.ShapeDtypeStruct((BATCH, seq_len, kv_heads, HEAD_DIM), DTYPE)
   return q, kv, kv
@@ -71,13 +81,20 @@ def _inputs(strategy: str, seq_len: int):
 
 def _layer(strategy: str, mesh, seq_len: int):
   """(forward fn, training-step fn) of one attention layer; mesh None: one device."""
+  log_decay = jnp.full((BATCH, seq_len, HEADS), -0.01, jnp.float32)
   if strategy in LINEAR:
     op = linear_attention
     kwargs = {"impl": "xla", "chunk_size": 64}
-    log_decay = jnp.full((BATCH, seq_len, HEADS), -0.01, jnp.float32)
 
     def attend(q, k, v):
       return layer_op(q, k, v, log_decay=log_decay, **kwargs)
+  elif strategy in DELTA:
+    op = delta_rule_attention
+    kwargs = {"impl": "xla", "chunk_size": 64}
+    beta = jnp.full((BATCH, seq_len, HEADS), 0.5, jnp.float32)
+
+    def attend(q, k, v):
+      return layer_op(q, k, v, beta, log_decay=log_decay, **kwargs)
   else:
     op = dot_product_attention
     kwargs = {"impl": "xla", "mask": masks.causal()}
@@ -116,9 +133,10 @@ def theoretical_bytes(strategy: str, seq_len: int) -> tuple[float, float]:
     batch=BATCH,
     seq_len=seq_len,
     heads=HEADS,
-    kv_heads=HEADS if strategy in LINEAR else KV_HEADS,
+    kv_heads=HEADS if strategy in STATE else KV_HEADS,
     head_dim=HEAD_DIM,
     itemsize=jnp.dtype(DTYPE).itemsize,
+    transitions=strategy in DELTA,
   )
 
 
@@ -150,9 +168,12 @@ def measure(strategy: str, seq_len: int, mesh) -> dict:
 
 
 def _model(strategy: str, mesh) -> nn.DecoderLM:
-  """A DecoderLM whose every layer runs `strategy` (softmax: causal "softmax"; linear: "linear")."""
-  linear = strategy in LINEAR
-  context = SeqParallel(mesh, **({"linear": strategy} if linear else {"softmax": strategy}))
+  """A DecoderLM whose every layer runs `strategy` (softmax: causal "softmax"; linear: "linear";
+  delta: "gated_deltanet")."""
+  name = OPTIONS.get(strategy, (strategy, {}))[0]
+  linear = strategy in STATE
+  context = SeqParallel(mesh, **({"linear": name} if linear else {"softmax": name}))
+  pattern = "gated_deltanet" if strategy in DELTA else "linear" if linear else "softmax"
   return nn.DecoderLM(
     vocab_size=MODEL_VOCAB,
     embed_dim=HEADS * HEAD_DIM,
@@ -161,7 +182,7 @@ def _model(strategy: str, mesh) -> nn.DecoderLM:
     num_kv_heads=HEADS if linear else KV_HEADS,
     head_dim=HEAD_DIM,
     mlp_dim=0,
-    layer_pattern="linear" if linear else "softmax",
+    layer_pattern=pattern,
     dtype=DTYPE,
     seq_parallel=context,
     rngs=nnx.Rngs(0),
@@ -265,12 +286,32 @@ def markdown(rows: list[dict], model_rows: list[dict], timings: dict, timing_len
   return "\n".join(lines) + "\n"
 
 
+def _merged(rows, model_rows, timings, timing_len):
+  """These results with the last run's rows of every other strategy, in its order."""
+  last = json.loads((RESULTS / "seqpar.json").read_text())
+  if last["timing_len"] != timing_len:
+    raise ValueError(f"--update needs --timing-len={last['timing_len']} as in the last results")
+
+  def merge(old, new):
+    replaced = {r["strategy"] for r in new}
+    return [r for r in old if r["strategy"] not in replaced] + new
+
+  return (
+    merge(last["rows"], rows),
+    merge(last["model_rows"], model_rows),
+    {**last["wall_time"], **timings},
+  )
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="T = 16k only")
   parser.add_argument("--timing-len", type=int, default=4096)
-  parser.add_argument("--strategies", default=",".join(SOFTMAX + LINEAR))
+  parser.add_argument("--strategies", default=",".join(SOFTMAX + STATE))
   parser.add_argument("--model-strategies", default=",".join(MODEL_STRATEGIES))
+  parser.add_argument(
+    "--update", action="store_true", help="keep the other strategies' rows of the last results"
+  )
   args = parser.parse_args()
   lengths = [16_384] if args.quick else [16_384, 65_536, 262_144]
   mesh = jax.make_mesh((PARTS,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -289,6 +330,8 @@ def main():
     model_rows.append(measure_model(strategy, lengths[-1], mesh))
     print(json.dumps(model_rows[-1]), f"({time.perf_counter() - start:.0f}s)", flush=True)
   RESULTS.mkdir(exist_ok=True)
+  if args.update:
+    rows, model_rows, timings = _merged(rows, model_rows, timings, args.timing_len)
   payload = {
     "device": "8 simulated CPU devices",
     "rows": rows,

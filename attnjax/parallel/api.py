@@ -10,7 +10,7 @@ and returns global arrays sharded the same way.
 Strategies by family:
   softmax (`dot_product_attention`): "ring" (zigzag by default), "allgather", "ulysses";
   linear (`linear_attention`): "lasp2", "zeco";
-  delta rule (`delta_rule_attention` and its variants): "lasp2".
+  delta rule (`delta_rule_attention` and its variants): "lasp2", "zeco".
 "lasp2h" (hybrid models, LASP-2H) is "allgather" for softmax ops and "lasp2" for linear ops.
 Arrays are in natural order; ring also takes them in its zigzag layout (`layout="zigzag"`,
 see `attnjax.parallel.layout`), as a model that lays its tokens out once passes them.
@@ -55,6 +55,7 @@ LINEAR_STRATEGIES: dict[str, Callable] = {
 }
 DELTA_STRATEGIES: dict[str, Callable] = {
   "lasp2": delta_rule.delta_rule_attention,
+  "zeco": zeco.delta_rule_attention,
   "lasp2h": delta_rule.delta_rule_attention,
 }
 STRATEGIES = {"softmax": SOFTMAX_STRATEGIES, "linear": LINEAR_STRATEGIES, "delta": DELTA_STRATEGIES}

@@ -168,12 +168,15 @@ def theoretical_bytes(
   kv_heads: int,
   head_dim: int,
   itemsize: int,
+  transitions: bool = False,
 ) -> tuple[float, float]:
   """(forward, backward) bytes a device must send per attention layer by `strategy`'s algorithm.
 
   The yardstick for `bytes_sent_per_device` of a compiled program: q, k, v are
   `[batch, seq_len, heads | kv_heads, head_dim]` of `itemsize` bytes split over `num_devices`;
-  linear states are float32 `[batch, heads, head_dim, head_dim]`.
+  linear states are float32 `[batch, heads, head_dim, head_dim]`. `transitions`: the delta
+  rule's LASP-2 also gathers each device's float32 `[batch, heads, head_dim, head_dim]`
+  transition (its ZeCO passes states only).
 
   - "ring": K/V shards travel P - 1 hops; backward adds their gradients' P - 1 hops.
   - "allgather": all-gather of K/V forward, reduce-scatter of dK/dV backward.
@@ -186,6 +189,7 @@ def theoretical_bytes(
   shard = seq_len // p
   kv_shard = batch * shard * kv_heads * 2 * head_dim * itemsize
   state = batch * heads * head_dim * head_dim * 4
+  summary = 2 * state if transitions else state
   if strategy == "ring":
     return (p - 1) * kv_shard, 2 * (p - 1) * kv_shard
   if strategy == "allgather":
@@ -195,7 +199,7 @@ def theoretical_bytes(
     local = batch * shard * head_dim * itemsize * (2 * heads + 2 * sent_kv_heads)
     return local * (p - 1) / p, local * (p - 1) / p
   if strategy == "lasp2":
-    return (p - 1) * state, (p - 1) * state
+    return (p - 1) * summary, (p - 1) * summary
   if strategy == "zeco":
     return state, state
   raise ValueError(

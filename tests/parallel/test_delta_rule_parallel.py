@@ -1,4 +1,4 @@
-"""LASP-2 for the delta rule on 4 simulated devices equals one device (values, final state,
+"""LASP-2 and ZeCO for the delta rule on 4 simulated devices equal one device (values, final state,
 gradients of every input), with GQA, an initial state, packed documents that start inside a
 shard, exactly at a shard boundary and span shards; inside a model; its communication does
 not grow with the sequence."""
@@ -37,11 +37,15 @@ SEGMENTS = np.stack([
 ])  # fmt: skip
 
 
+STRATEGIES = [("lasp2", {}), ("zeco", {}), ("zeco", {"pieces": 1})]
+
+
+@pytest.mark.parametrize("strategy,options", STRATEGIES, ids=["lasp2", "zeco", "zeco_one_piece"])
 @pytest.mark.parametrize("segments", [False, True], ids=["one_document", "packed"])
-def test_lasp2_equals_one_device(segments):
+def test_equals_one_device(strategy, options, segments):
   args, kwargs = _inputs(0)
   ids = jnp.asarray(SEGMENTS) if segments else None
-  sharded = sequence_parallel(api.delta_rule_attention, seq_mesh(4), strategy="lasp2")
+  sharded = sequence_parallel(api.delta_rule_attention, seq_mesh(4), strategy=strategy, **options)
 
   def parallel(q, k, v, beta, **kw):
     return sharded(q, k, v, beta, segment_ids=ids, chunk_size=4, impl="xla",
@@ -51,21 +55,23 @@ def test_lasp2_equals_one_device(segments):
     return api.delta_rule_attention(q, k, v, beta, segment_ids=ids, impl="reference",
                                     return_final_state=True, **kw)  # fmt: skip
 
-  assert_matches_reference(parallel, single, args, kwargs, TOL_BLOCKED_F32, "lasp2 delta")
+  assert_matches_reference(parallel, single, args, kwargs, TOL_BLOCKED_F32, f"{strategy} delta")
 
 
-def test_gated_deltanet_model_splits_its_layers_and_equals_one_device():
+@pytest.mark.parametrize("strategy", ["lasp2", "zeco"])
+def test_gated_deltanet_model_splits_its_layers_and_equals_one_device(strategy):
   model_kwargs = dict(vocab_size=11, embed_dim=16, depth=2, num_heads=2, mlp_dim=16,
                       layer_pattern="gated_deltanet,softmax")  # fmt: skip
   single = nn.DecoderLM(**model_kwargs, rngs=nnx.Rngs(0))
-  context = SeqParallel(seq_mesh(4))
+  context = SeqParallel(seq_mesh(4), linear=strategy)
   sharded = nn.DecoderLM(**model_kwargs, rngs=nnx.Rngs(0), seq_parallel=context)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 11, (2, 32)))
   assert_close(sharded(tokens), single(tokens), TOL_BLOCKED_F32, "logits")
 
 
-def test_communication_is_independent_of_the_sequence_length():
-  sharded = sequence_parallel("gated_deltanet", seq_mesh(4), strategy="lasp2")
+@pytest.mark.parametrize("strategy", ["lasp2", "zeco"])
+def test_communication_is_independent_of_the_sequence_length(strategy):
+  sharded = sequence_parallel("gated_deltanet", seq_mesh(4), strategy=strategy)
   sent = []
   for seq in (64, 256):
     (q, k, v, beta), kwargs = _inputs(2, seq=seq)
@@ -74,12 +80,21 @@ def test_communication_is_independent_of_the_sequence_length():
     ).lower(q, k, v, beta, kwargs["log_decay"])
     sent.append(comms.bytes_sent_per_device(comms.collectives(lowered.compile().as_text(), 4), 4))
   assert sent[0] == sent[1] > 0
+  state = 2 * 4 * 8 * 6 * 4  # batch x heads x key_dim x value_dim float32
+  minimum = {"lasp2": 3 * (state + 2 * 4 * 8 * 8 * 4), "zeco": state}[strategy]
+  assert sent[0] == minimum
 
 
-def test_lasp2_refuses_a_sequence_that_does_not_split():
+@pytest.mark.parametrize("strategy", ["lasp2", "zeco"])
+def test_refuses_a_sequence_that_does_not_split(strategy):
   (q, k, v, beta), _ = _inputs(3, seq=42)
-  sharded = sequence_parallel(api.delta_rule_attention, seq_mesh(4), strategy="lasp2")
+  sharded = sequence_parallel(api.delta_rule_attention, seq_mesh(4), strategy=strategy)
   with pytest.raises(ValueError, match="divisible"):
     sharded(q, k, v, beta)
-  with pytest.raises(ValueError, match="strategy 'zeco'"):
-    sequence_parallel("deltanet", seq_mesh(4), strategy="zeco")
+
+
+def test_zeco_refuses_bad_pieces():
+  (q, k, v, beta), _ = _inputs(3)
+  sharded = sequence_parallel(api.delta_rule_attention, seq_mesh(4), strategy="zeco", pieces=0)
+  with pytest.raises(ValueError, match="pieces must be a positive int"):
+    sharded(q, k, v, beta)

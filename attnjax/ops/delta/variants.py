@@ -5,9 +5,9 @@
   data-dependent decay per head (`gated.gated_delta_rule_attention`).
 
 Both carry a state (a one-token `step`) and restart at document starts (`segment_ids`). Under
-sequence parallelism (split "delta") LASP-2 passes per-device (transition, state) summaries,
+sequence parallelism (split "delta") LASP-2 gathers per-device (transition, state) summaries,
 since the per-chunk transition is a matrix rather than a diagonal decay
-(`attnjax.parallel.delta_rule`); ZeCO does not take them yet.
+(`attnjax.parallel.delta_rule`), and ZeCO scans them device to device (`attnjax.parallel.zeco`).
 """
 
 from __future__ import annotations
