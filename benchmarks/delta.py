@@ -24,19 +24,9 @@ import jax.numpy as jnp
 import attnjax as aj
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from linear import seconds  # noqa: E402  (the same median-of-repeats timer)
+from linear import flops, matmul_rate, seconds  # noqa: E402  (shared timer and rates)
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-
-
-def flops(fn, args) -> float:
-  return float(jax.jit(fn).lower(*args).compile().cost_analysis()["flops"])
-
-
-def matmul_rate(repeats: int, size: int = 1024) -> float:
-  """float32 FLOP/s of one `size`-cubed matmul on this machine."""
-  a = jax.random.normal(jax.random.key(0), (size, size))
-  return 2 * size**3 / seconds(jax.jit(lambda a: a @ a), (a,), repeats)
 
 
 def main() -> None:

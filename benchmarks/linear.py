@@ -3,6 +3,7 @@ attention against xla causal softmax, with batch x T fixed, forward and forward+
 
     python benchmarks/linear.py           # T = 1k ... 64k, 64k tokens per call
     python benchmarks/linear.py --quick   # T = 1k, 4k, 16k tokens per call
+    python benchmarks/linear.py --versus-scan   # chunked xla vs the token scan, per decay kind
 
 On TPU and GPU the Pallas kernel (`linear_pallas`: impl="pallas", which picks the Mosaic
 kernel on TPU and the Triton kernel on GPU) is timed too; pass `--impls` to choose.
@@ -13,6 +14,13 @@ impl="xla")`, run up to `--softmax-max-len` (its cost grows with T). Each figure
 wall time of `--repeats` runs after a warm-up. Results go to `benchmarks/results/linear.json`
 and `linear.png`; the issue's figures (time per token T=64k / T=4k for xla linear, speedup of
 xla linear over xla softmax at T=16k) are printed at the end.
+
+`--versus-scan` times, at T = 16,384, 8 heads x 64, batch 1, the chunked xla form against the
+token-by-token reference scan forward for each decay kind (none, per head, per channel: GLA),
+and puts the chunked form's FLOP rate (XLA's count of the compiled call) next to two matmul
+rates of this machine measured in the same run: one 1024-cubed matmul, and the batched
+`[b*h*n, C, d] x [b*h*n, d, d]` matmul of the chunk shapes the chunked form is made of.
+Results: `benchmarks/results/linear_vs_scan.json`.
 """
 
 from __future__ import annotations
@@ -65,6 +73,73 @@ def seconds(fn, args, repeats: int) -> float:
   return statistics.median(times)
 
 
+def flops(fn, args) -> float:
+  """XLA's FLOP count of the compiled `fn(*args)` (a scan's body is counted once)."""
+  return float(jax.jit(fn).lower(*args).compile().cost_analysis()["flops"])
+
+
+def matmul_rate(repeats: int, size: int = 1024) -> float:
+  """float32 FLOP/s of one `size`-cubed matmul on this machine."""
+  a = jax.random.normal(jax.random.key(0), (size, size))
+  return 2 * size**3 / seconds(jax.jit(lambda a: a @ a), (a,), repeats)
+
+
+def batched_matmul_rate(repeats: int, batch: int, rows: int, dim: int) -> float:
+  """float32 FLOP/s of `[batch, rows, dim] x [batch, dim, dim]` (the chunked form's shapes)."""
+  a = jax.random.normal(jax.random.key(1), (batch, rows, dim))
+  b = jax.random.normal(jax.random.key(2), (batch, dim, dim))
+  fn = jax.jit(lambda a, b: jnp.einsum("bcd,bde->bce", a, b))
+  return 2 * batch * rows * dim * dim / seconds(fn, (a, b), repeats)
+
+
+def versus_scan(args) -> None:
+  """The chunked xla form against the token-by-token scan at T = 16,384 (see the docstring)."""
+  seq, heads, dim, chunk = 16384, 8, 64, args.chunk_size
+  rng = np.random.default_rng(0)
+  shape = (1, seq, heads, dim)
+  q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3))
+  decays = {
+    "none": None,
+    "per_head": jnp.asarray(-rng.uniform(0.0, 0.1, shape[:3]), jnp.float32),
+    "per_channel": jnp.asarray(-rng.uniform(0.0, 0.1, shape), jnp.float32),
+  }
+  records = {
+    "matmul_flops_per_s": matmul_rate(args.repeats),
+    "chunk_batched_matmul_flops_per_s": batched_matmul_rate(
+      args.repeats, heads * seq // chunk, chunk, dim
+    ),
+  }
+  for kind, log_decay in decays.items():
+    times = {}
+    args_of_kind = (q, k, v) if log_decay is None else (q, k, v, log_decay)
+    for impl in ("reference", "xla"):
+
+      def attend(q, k, v, log_decay=None, impl=impl):
+        return aj.ops.linear_attention(q, k, v, log_decay=log_decay, chunk_size=chunk, impl=impl)
+
+      times[impl] = seconds(jax.jit(attend), args_of_kind, args.repeats)
+      if impl == "xla":
+        records[f"{kind}_xla_flops_per_s"] = flops(attend, args_of_kind) / times[impl]
+    records.update({f"{kind}_{impl}_s": t for impl, t in times.items()})
+    records[f"{kind}_xla_over_reference"] = times["xla"] / times["reference"]
+    print(
+      f"decay {kind:11s}: reference {times['reference'] * 1e3:7.1f} ms, xla "
+      f"{times['xla'] * 1e3:7.1f} ms ({times['xla'] / times['reference']:.2f}x); xla FLOP rate "
+      f"{records[f'{kind}_xla_flops_per_s'] / 1e9:.1f} GFLOP/s",
+      flush=True,
+    )
+  print(
+    f"matmul 1024^3: {records['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; batched chunk matmul "
+    f"[{heads * seq // chunk}, {chunk}, {dim}] x [{dim}, {dim}]: "
+    f"{records['chunk_batched_matmul_flops_per_s'] / 1e9:.1f} GFLOP/s"
+  )
+  meta = {"seq_len": seq, "heads": heads, "head_dim": dim, "chunk_size": chunk,
+          "repeats": args.repeats, "jax": jax.__version__, "cpus": os.cpu_count()}  # fmt: skip
+  path = RESULTS / "linear_vs_scan.json"
+  path.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+  print(f"wrote {path}")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="T = 1k, 4k with 16k tokens")
@@ -80,7 +155,11 @@ def main() -> None:
   parser.add_argument("--impls", nargs="*", default=default_impls)
   parser.add_argument("--softmax-max-len", type=int, default=16384)
   parser.add_argument("--out", default="linear", help="file stem under benchmarks/results/")
+  parser.add_argument("--versus-scan", action="store_true", help="see the module docstring")
   args = parser.parse_args()
+  if args.versus_scan:
+    versus_scan(args)
+    return
   lengths = args.lengths or ([1024, 4096] if args.quick else [1024 * 2**i for i in range(7)])
   tokens = args.tokens or (16384 if args.quick else 65536)
   records = []
