@@ -25,6 +25,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -51,6 +52,15 @@ class Mask(abc.ABC):
   def __call__(self, q_pos, kv_pos, head=0) -> np.ndarray:
     """Evaluates the predicate with numpy broadcasting."""
     return self._eval(np.asarray(head), np.asarray(q_pos), np.asarray(kv_pos))
+
+  def on_arrays(self, q_pos, kv_pos, head=0):
+    """Evaluates the predicate on jax arrays, positions that may be traced (decoding).
+
+    Masks whose predicate is arithmetic on positions (causal, windows, chunks, key ranges
+    and their combinations) support it; a mask that needs concrete positions raises jax's
+    concretization error.
+    """
+    return self._eval(jnp.asarray(head), jnp.asarray(q_pos), jnp.asarray(kv_pos))
 
   def __and__(self, other: Mask) -> Mask:
     return And(self, other)

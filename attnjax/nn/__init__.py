@@ -1,6 +1,7 @@
 """Flax NNX modules: thin shells that own parameters and call `attnjax.ops`."""
 
 from attnjax.nn.attention import Attention
+from attnjax.nn.generate import generate, sample_logits
 from attnjax.nn.lm import Block, DecoderLM, parse_layer_pattern
 from attnjax.nn.mlp import SwiGLU
 from attnjax.nn.norm import RMSNorm
@@ -13,5 +14,7 @@ __all__ = [
   "RMSNorm",
   "SwiGLU",
   "apply_rope",
+  "generate",
   "parse_layer_pattern",
+  "sample_logits",
 ]

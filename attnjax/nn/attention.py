@@ -13,10 +13,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnjax import registry
+from attnjax.nn import cache as cache_lib
 from attnjax.nn.norm import RMSNorm
 from attnjax.nn.params import fan_in_init, param
 from attnjax.nn.rope import apply_rope
 from attnjax.nn.seq_parallel import SeqParallel, token_positions, variant_op
+from attnjax.ops.softmax import cached
 
 
 def resolve_heads(
@@ -90,8 +92,13 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(head_dim, axis_name="head_dim", rngs=rngs) if qk_norm else None
     self.k_norm = RMSNorm(head_dim, axis_name="head_dim", rngs=rngs) if qk_norm else None
 
-  def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """`x [batch, seq, embed]` -> (x in compute dtype, q, k, v `[batch, seq, heads, dim]`)."""
+  def project_qkv(
+    self, x: jax.Array, positions: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`x [batch, seq, embed]` -> (x in compute dtype, q, k, v `[batch, seq, heads, dim]`).
+
+    `positions` int32 `[seq]`: rotary positions of the rows (None: the sequence's own).
+    """
     if x.ndim != 3 or x.shape[-1] != self.q.shape[0]:
       raise ValueError(f"x must be [batch, seq, embed={self.q.shape[0]}], got shape {x.shape}")
     x = x.astype(self.dtype)
@@ -103,7 +110,8 @@ class Attention(nnx.Module):
     if self.use_rope:
       # Positions restart nowhere: rotary scores depend on q_pos - kv_pos only, and packed
       # documents never attend across their boundary.
-      positions = token_positions(x.shape[1], self.seq_parallel)
+      if positions is None:
+        positions = token_positions(x.shape[1], self.seq_parallel)
       q = apply_rope(q, positions, base=self.rope_base)
       k = apply_rope(k, positions, base=self.rope_base)
     return x, q, k, v
@@ -133,3 +141,31 @@ class Attention(nnx.Module):
     """`x [batch, seq, embed]`, `segment_ids` int `[batch, seq]` -> `[batch, seq, embed]`."""
     _, q, k, v = self.project_qkv(x)
     return self.project_out(self.attend(q, k, v, segment_ids=segment_ids))
+
+  def _check_decodes(self) -> None:
+    # Subclasses with their own __call__ compute more than the mask preset's attention.
+    if type(self).__call__ is not Attention.__call__:
+      raise cache_lib.no_cache(self.variant)
+    if registry.get(self.variant).capabilities.split != "mask":
+      raise cache_lib.no_cache(self.variant, "its op is not a mask of dot_product_attention")
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    """Zero keys and values `[batch, max_len, kv_heads, head_dim]` in `dtype`."""
+    self._check_decodes()
+    _, kv_heads, head_dim = self.k.shape
+    zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
+    return {"k": zeros, "v": zeros}
+
+  def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
+    """`x [batch, n, embed]` at positions `position + [0, n)` -> (out, cache with its K/V)."""
+    self._check_decodes()
+    rows = position + jnp.arange(x.shape[1], dtype=jnp.int32)
+    _, q, k, v = self.project_qkv(x, positions=rows)
+    cache = {
+      name: jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype),
+                                                position, axis=1)
+      for name, new in (("k", k), ("v", v))
+    }  # fmt: skip
+    keywords = registry.get(self.variant).preset(dict(self.variant_options), q.shape[2])
+    out = cached.cached_attention(q, cache["k"], cache["v"], q_start=position, **keywords)
+    return self.project_out(out), cache

@@ -22,6 +22,7 @@ from flax import nnx
 
 from attnjax import registry
 from attnjax.nn.attention import resolve_heads
+from attnjax.nn.cache import no_cache
 from attnjax.nn.norm import rms_normalize
 from attnjax.nn.params import fan_in_init, param
 from attnjax.nn.seq_parallel import SeqParallel, variant_op
@@ -95,24 +96,58 @@ class DeltaNet(nnx.Module):
       self.dt_bias = param(rngs, _heads_init(gated.init_dt_bias), (num_heads,), ("heads",))
       self.gate = param(rngs, fan_in_init(), (embed_dim, num_heads, head_dim), heads_axes)
 
-  def _conv_features(self, x, weight: nnx.Param, conv_weight: nnx.Param, segment_ids):
-    """SiLU(ShortConv(x W)): `[batch, seq, heads, head_dim]`."""
+  def _conv_features(self, x, weight: nnx.Param, conv_weight: nnx.Param, segment_ids, before):
+    """(SiLU(ShortConv(x W)) `[batch, seq, heads, head_dim]`, the last `width - 1` inputs).
+
+    `before` `[batch, width - 1, channels]`: the inputs preceding `x` (decoding; None: none).
+    """
     projected = jnp.einsum("btd,dhk->bthk", x, weight[...].astype(self.dtype))
     flat = projected.reshape(*projected.shape[:2], -1)
+    width = conv_weight.shape[0]
+    if before is not None:
+      flat = jnp.concatenate([before.astype(flat.dtype), flat], axis=1)
     mixed = conv.short_convolution(flat, conv_weight[...].astype(self.dtype), segment_ids)
-    return jax.nn.silu(mixed).reshape(projected.shape)
+    mixed = mixed[:, flat.shape[1] - x.shape[1] :]
+    return jax.nn.silu(mixed).reshape(projected.shape), flat[:, flat.shape[1] - (width - 1) :]
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     """`x [batch, seq, embed]` -> `[batch, seq, embed]`."""
+    return self._forward(x, segment_ids, None)[0]
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    """Zero delta-rule state `[batch, heads, head_dim, head_dim]` (float32) and the inputs of
+    the three short convolutions `[batch, conv_width - 1, channels]` before the first token."""
+    del max_len
+    self._check_decodes()
+    _, heads, head_dim = self.q.shape
+    kv_heads = self.k.shape[1]
+    width = self.q_conv.shape[0]
+    return {
+      "state": jnp.zeros((batch, heads, head_dim, head_dim), jnp.float32),
+      "conv": tuple(
+        jnp.zeros((batch, width - 1, n * head_dim), dtype) for n in (heads, kv_heads, kv_heads)
+      ),
+    }
+
+  def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
+    """`x [batch, n, embed]` after the cache's tokens -> (out, cache); `position` unused."""
+    del position
+    self._check_decodes()
+    return self._forward(x, None, cache)
+
+  def _check_decodes(self) -> None:
+    if self.seq_parallel is not None and self.seq_parallel.splits_sequence:
+      raise no_cache(self.variant, "decoding does not split the sequence (seq_parallel)")
+
+  def _forward(self, x, segment_ids, cache) -> tuple[jax.Array, dict | None]:
     if x.ndim != 3 or x.shape[-1] != self.q.shape[0]:
       raise ValueError(f"x must be [batch, seq, embed={self.q.shape[0]}], got shape {x.shape}")
     x = x.astype(self.dtype)
-    q, k, v = (
-      self._conv_features(x, weight, conv_weight, segment_ids)
-      for weight, conv_weight in (
-        (self.q, self.q_conv),
-        (self.k, self.k_conv),
-        (self.v, self.v_conv),
+    befores = (None, None, None) if cache is None else cache["conv"]
+    (q, q_last), (k, k_last), (v, v_last) = (
+      self._conv_features(x, weight, conv_weight, segment_ids, before)
+      for weight, conv_weight, before in zip(
+        (self.q, self.k, self.v), (self.q_conv, self.k_conv, self.v_conv), befores, strict=True
       )
     )
     q, k = _l2_normalize(q), _l2_normalize(k)
@@ -125,8 +160,16 @@ class DeltaNet(nnx.Module):
     if segment_ids is not None:
       keywords["segment_ids"] = segment_ids
     op = variant_op(self.variant, self.seq_parallel)
-    o = op(q, k, v, impl=self.impl, chunk_size=self.chunk_size, **keywords)
+    new_cache = None
+    if cache is None:
+      o = op(q, k, v, impl=self.impl, chunk_size=self.chunk_size, **keywords)
+    else:
+      o, state = op(
+        q, k, v, impl=self.impl, chunk_size=self.chunk_size, initial_state=cache["state"],
+        return_final_state=True, **keywords,
+      )  # fmt: skip
+      new_cache = {"state": state, "conv": (q_last, k_last, v_last)}
     o = rms_normalize(o) * self.norm[...].astype(o.dtype)
     if self.gated:
       o = o * jax.nn.silu(jnp.einsum("btd,dhk->bthk", x, self.gate[...].astype(self.dtype)))
-    return jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(self.dtype))
+    return jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(self.dtype)), new_cache

@@ -32,6 +32,7 @@ from flax import nnx
 
 from attnjax import registry
 from attnjax.nn.attention import Attention, resolve_heads
+from attnjax.nn.cache import Step, no_cache
 from attnjax.nn.params import fan_in_init, param
 from attnjax.nn.rope import apply_rope
 from attnjax.nn.seq_parallel import SeqParallel, variant_op
@@ -116,10 +117,19 @@ class LinearAttention(nnx.Module):
     x = x.astype(self.dtype)
     return x, self.project(x, self.q), self.project(x, self.k), self.project(x, self.v)
 
-  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, **kwargs) -> jax.Array:
-    """The variant's op with this mixer's `impl` and static options."""
+  def attend(
+    self, q: jax.Array, k: jax.Array, v: jax.Array, step: Step | None, **kwargs
+  ) -> tuple[jax.Array, object]:
+    """(out, final state) of the variant's op with this mixer's `impl` and static options.
+
+    `step` None: whole sequences from a zero state (no state returned: None); else the
+    decode call's chunk from `step.state`.
+    """
     op = variant_op(self.variant, self.seq_parallel)
-    return op(q, k, v, impl=self.impl, **dict(self.op_options), **kwargs)
+    options = {"impl": self.impl, **dict(self.op_options), **kwargs}
+    if step is None:
+      return op(q, k, v, **options), None
+    return op(q, k, v, initial_state=step.state, return_final_state=True, **options)
 
   def project_out(self, heads_out: jax.Array) -> jax.Array:
     """`[batch, seq, heads, head_dim]` -> `[batch, seq, embed]`."""
@@ -128,8 +138,32 @@ class LinearAttention(nnx.Module):
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     """`x [batch, seq, embed]` -> `[batch, seq, embed]`; `segment_ids` must be None."""
     _no_packed_sequences(self.variant, segment_ids)
+    return self.forward(x, None)[0]
+
+  def forward(self, x: jax.Array, step: Step | None) -> tuple[jax.Array, object]:
+    """(out `[batch, seq, embed]`, final state or None), see `attend`; subclasses add gates."""
     _, q, k, v = self.project_qkv(x)
-    return self.project_out(self.attend(q, k, v))
+    out, state = self.attend(q, k, v, step)
+    return self.project_out(out), state
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    """No state yet (None): the first `decode` starts as the op does without `initial_state`
+    (a zero state is not always empty: LightNet's normalizer starts at z = 0)."""
+    del batch, max_len, dtype
+    self._check_decodes()
+    return {"state": None}
+
+  def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
+    """`x [batch, n, embed]` at positions `position + [0, n)` -> (out, cache with its state)."""
+    self._check_decodes()
+    out, state = self.forward(x, Step(cache["state"], position))
+    return out, {"state": state}
+
+  def _check_decodes(self) -> None:
+    if dict(self.op_options).get("causal", True) is False:
+      raise no_cache(self.variant, "the layer is bidirectional (causal=False)")
+    if self.seq_parallel is not None and self.seq_parallel.splits_sequence:
+      raise no_cache(self.variant, "decoding does not split the sequence (seq_parallel)")
 
 
 class BasedAttention(LinearAttention):
@@ -167,11 +201,10 @@ class LightningAttention(LinearAttention):
       rngs, fan_in_init(), (embed, num_heads, head_dim), ("embed", "heads", "head_dim")
     )
 
-  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
-    _no_packed_sequences(self.variant, segment_ids)
+  def forward(self, x: jax.Array, step: Step | None) -> tuple[jax.Array, object]:
     x, q, k, v = self.project_qkv(x)
-    out = gates.srms_norm_gate(self.attend(q, k, v), self.project(x, self.gate))
-    return self.project_out(out)
+    out, state = self.attend(q, k, v, step)
+    return self.project_out(gates.srms_norm_gate(out, self.project(x, self.gate))), state
 
 
 class MultiScaleRetention(LinearAttention):
@@ -205,15 +238,14 @@ class MultiScaleRetention(LinearAttention):
       rngs, fan_in_init(), (embed, num_heads, head_dim), ("embed", "heads", "head_dim")
     )
 
-  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
-    _no_packed_sequences(self.variant, segment_ids)
+  def forward(self, x: jax.Array, step: Step | None) -> tuple[jax.Array, object]:
     x, q, k, v = self.project_qkv(x)
     if self.use_rope:
-      positions = jnp.arange(x.shape[1])
+      positions = jnp.arange(x.shape[1]) + (0 if step is None else step.start)
       q = apply_rope(q, positions, base=self.rope_base)
       k = apply_rope(k, positions, base=self.rope_base)
-    out = gates.group_norm_swish_gate(self.attend(q, k, v), self.project(x, self.gate))
-    return self.project_out(out)
+    out, state = self.attend(q, k, v, step)
+    return self.project_out(gates.group_norm_swish_gate(out, self.project(x, self.gate))), state
 
 
 class GatedLinearAttention(LinearAttention):
@@ -248,14 +280,13 @@ class GatedLinearAttention(LinearAttention):
       rngs, nnx.initializers.zeros, (num_heads, head_dim), ("heads", "head_dim")
     )
 
-  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
-    _no_packed_sequences(self.variant, segment_ids)
+  def forward(self, x: jax.Array, step: Step | None) -> tuple[jax.Array, object]:
     x, q, k, v = self.project_qkv(x)
     low_rank = jnp.einsum("btd,dr->btr", x, self.decay_down[...].astype(self.dtype))
     decay_logits = jnp.einsum("btr,rhk->bthk", low_rank, self.decay_up[...].astype(self.dtype))
-    out = self.attend(q, k, v, gate_logits=decay_logits + self.decay_bias[...])
+    out, state = self.attend(q, k, v, step, gate_logits=decay_logits + self.decay_bias[...])
     gate_logits = self.project(x, self.gate) + self.gate_bias[...].astype(self.dtype)
-    return self.project_out(gates.group_norm_swish_gate(out, gate_logits))
+    return self.project_out(gates.group_norm_swish_gate(out, gate_logits)), state
 
 
 class HGRN2Attention(LinearAttention):
@@ -324,19 +355,19 @@ class HGRN2Attention(LinearAttention):
       return 0.0
     return jax.nn.sigmoid(self.lower_bound_logits[...])
 
-  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
-    _no_packed_sequences(self.variant, segment_ids)
+  def forward(self, x: jax.Array, step: Step | None) -> tuple[jax.Array, object]:
     _, output_gate, forget_logits, inputs = self.project_qkv(x)
     lower_bound = self.lower_bound()
     keys = hgrn2.hgrn2_keys(forget_logits, lower_bound)
-    out = self.attend(
+    out, state = self.attend(
       jax.nn.silu(output_gate),
       keys,
       inputs,
+      step,
       forget_logits=forget_logits,
       lower_bound=lower_bound,
     )
-    return self.project_out(gates.srms_norm(out))
+    return self.project_out(gates.srms_norm(out)), state
 
 
 class AgentAttention(Attention):

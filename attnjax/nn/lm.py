@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnjax import registry
+from attnjax.nn import cache as cache_lib
 from attnjax.nn.mlp import SwiGLU
 from attnjax.nn.norm import RMSNorm
 from attnjax.nn.params import param
@@ -61,6 +62,14 @@ class Block(nnx.Module):
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids).astype(x.dtype)
+    return self._mlp(x)
+
+  def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
+    """The block on a chunk `x [batch, n, embed]` at `position` with its mixer's cache."""
+    mixed, cache = self.mixer.decode(self.mixer_norm(x), cache, position)
+    return self._mlp(x + mixed.astype(x.dtype)), cache
+
+  def _mlp(self, x: jax.Array) -> jax.Array:
     if self.mlp is not None:
       x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
     return x
@@ -147,6 +156,78 @@ class DecoderLM(nnx.Module):
       )
     )
 
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
+    """An empty decoding cache for `batch_size` sequences of up to `max_len` tokens.
+
+    A pytree (`{"layers": one cache per layer, "position": int32 0, "max_len"}`) for `decode`;
+    softmax
+    layers preallocate keys and values `[batch_size, max_len, kv_heads, head_dim]` in `dtype`
+    (None: the model's activation dtype), recurrent layers their state (None until the
+    first `decode`).
+
+    Raises:
+      ValueError: for a layer whose variant cannot decode (naming it), or bad sizes.
+    """
+    for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+    dtype = self.dtype if dtype is None else dtype
+    layers = []
+    for name, block in zip(self.layer_names, self.blocks, strict=True):
+      if not hasattr(block.mixer, "init_cache"):
+        raise cache_lib.no_cache(name)
+      layers.append(block.mixer.init_cache(batch_size, max_len, dtype))
+    return {
+      "layers": tuple(layers),
+      "position": jnp.zeros((), jnp.int32),
+      "max_len": jnp.asarray(max_len, jnp.int32),
+    }
+
+  def decode(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """Logits of the next `n` tokens after those in `cache`; (logits, updated cache).
+
+    Args:
+      tokens: int `[batch, n]`, n >= 1 (a prompt chunk or one generated token).
+      cache: from `init_cache` or a previous `decode`.
+
+    Returns:
+      float32 logits `[batch, n, vocab]` equal to those of `model(all tokens so far)` at
+      these positions, and the cache holding them. Past tokens are not recomputed.
+
+    Raises:
+      ValueError: tokens not `[batch, n]` with the cache's batch, or (with a concrete
+        position) more tokens than the cache holds.
+    """
+    if tokens.ndim != 2 or tokens.shape[1] < 1:
+      raise ValueError(f"tokens must be [batch, n] with n >= 1, got shape {tokens.shape}")
+    batches = {x.shape[0] for x in jax.tree.leaves(cache["layers"])}
+    if batches - {tokens.shape[0]}:
+      raise ValueError(
+        f"tokens have batch {tokens.shape[0]} but the cache holds batch {sorted(batches)}"
+      )
+    position = cache["position"]
+    if not isinstance(position, jax.core.Tracer) and not isinstance(
+      cache["max_len"], jax.core.Tracer
+    ):
+      end = int(position) + tokens.shape[1]
+      if end > int(cache["max_len"]):
+        raise ValueError(
+          f"tokens of shape {tokens.shape} after {int(position)} cached tokens exceed the "
+          f"cache's max_len={cache['max_len']}"
+        )
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    layers = []
+    for block, layer_cache in zip(self.blocks, cache["layers"], strict=True):
+      x, layer_cache = block.decode(x, layer_cache, position)
+      layers.append(layer_cache)
+    logits = self._logits(self.final_norm(x))
+    cache = {**cache, "layers": tuple(layers), "position": position + tokens.shape[1]}
+    return logits, cache
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    head = self.embed[...].T if self.head is None else self.head[...]
+    return jnp.einsum("btd,dv->btv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)
+
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     """`tokens` int `[batch, seq]`, `segment_ids` int `[batch, seq]` -> `[batch, seq, vocab]`."""
     if tokens.ndim != 2:
@@ -161,5 +242,4 @@ class DecoderLM(nnx.Module):
     x = self.final_norm(x)
     if self.seq_parallel is not None:
       x = self.seq_parallel.from_layout(x)
-    head = self.embed[...].T if self.head is None else self.head[...]
-    return jnp.einsum("btd,dv->btv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)
+    return self._logits(x)

@@ -32,15 +32,36 @@ def attention(
   """
   del block_sizes
   s = shape
-  qf = q.astype(jnp.float32).reshape(s.batch, s.q_len, s.kv_heads, s.groups, s.head_dim)
-  logits = jnp.einsum("bqhgd,bkhd->bhgqk", qf, k.astype(jnp.float32)) * scale
-  if softcap is not None:
-    logits = softcap * jnp.tanh(logits / softcap)
   allowed = jnp.asarray(masks_lib.to_dense(mask, s.q_len, s.kv_len, q_offset=q_offset))
   if allowed.ndim == 3:  # per-head mask [heads, q, kv]
     allowed = allowed.reshape(s.kv_heads, s.groups, s.q_len, s.kv_len)
   if segment_ids is not None:
     allowed = allowed & segment_ids.allowed(segment_ids.q, segment_ids.kv_ids)[:, None, None]
+  return attend_allowed(q, k, v, allowed, shape=shape, scale=scale, softcap=softcap, sinks=sinks)
+
+
+def attend_allowed(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  allowed: jax.Array,
+  *,
+  shape: QKVShape,
+  scale: float,
+  softcap: float | None,
+  sinks: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+  """Float32 softmax attention over the keys where `allowed` is True; (out, lse) as
+  `attention`.
+
+  `allowed` (bool, may be traced) broadcasts to the logits `[batch, kv_heads, groups, q_len,
+  kv_len]`.
+  """
+  s = shape
+  qf = q.astype(jnp.float32).reshape(s.batch, s.q_len, s.kv_heads, s.groups, s.head_dim)
+  logits = jnp.einsum("bqhgd,bkhd->bhgqk", qf, k.astype(jnp.float32)) * scale
+  if softcap is not None:
+    logits = softcap * jnp.tanh(logits / softcap)
   allowed = jnp.broadcast_to(allowed, logits.shape)
   logits = jnp.where(allowed, logits, -jnp.inf)
   row_max = logits.max(-1)

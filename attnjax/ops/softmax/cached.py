@@ -1,0 +1,66 @@
+"""Softmax attention of new queries over a preallocated key/value cache (decoding).
+
+A decoder keeps the keys and values of every position so far in `[batch, max_len, kv_heads,
+dim]` buffers and appends each new chunk at its position. Positions are traced (one compiled
+step serves every position), so the mask is evaluated on arrays (`Mask.on_arrays`) rather
+than classified into tiles, and cache rows at or beyond the end of the new chunk are
+excluded. The math is the float32 reference's (`reference.attend_allowed`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnjax import masks as masks_lib
+from attnjax.ops.qkv import check_qkv, resolve_scale
+from attnjax.ops.softmax import reference
+
+
+def cached_attention(
+  q: jax.Array,
+  k_cache: jax.Array,
+  v_cache: jax.Array,
+  *,
+  q_start: jax.Array | int,
+  mask: masks_lib.Mask | None = None,
+  scale: float | None = None,
+  softcap: float | None = None,
+  sinks: jax.Array | None = None,
+) -> jax.Array:
+  """Attention of `q` at positions `q_start, ..., q_start + n - 1` over the cache.
+
+  Args:
+    q: `[batch, n, heads, head_dim]`, the new chunk's queries.
+    k_cache: `[batch, max_len, kv_heads, head_dim]` holding the keys of positions
+      `[0, q_start + n)` (the new chunk's included); later rows are ignored.
+    v_cache: `[batch, max_len, kv_heads, value_dim]`, likewise.
+    q_start: int32 scalar (may be traced), the position of `q[:, 0]`.
+    mask: the variant's `attnjax.masks.Mask` over absolute positions (None: causal). A
+      query sees the cache rows written so far that the mask allows: a mask that lets a
+      query see later positions (a bidirectional prefix) matches the full forward only for
+      keys already in the cache, i.e. when the chunk holding them is decoded at once.
+    scale, softcap, sinks: as `dot_product_attention`.
+
+  Returns:
+    `[batch, n, heads, value_dim]` in q's dtype; a row with no allowed key gives zeros.
+  """
+  shape = check_qkv(q, k_cache, v_cache)
+  n, max_len = shape.q_len, shape.kv_len
+  q_pos = jnp.asarray(q_start, jnp.int32) + jnp.arange(n, dtype=jnp.int32)
+  kv_pos = jnp.arange(max_len, dtype=jnp.int32)
+  mask = masks_lib.causal() if mask is None else mask
+  allowed = kv_pos[None, :] < q_pos[-1] + 1  # rows written so far, the new chunk's included
+  if mask.num_heads is None:
+    allowed = allowed & mask.on_arrays(q_pos[:, None], kv_pos[None, :])
+  else:
+    if mask.num_heads != shape.heads:
+      raise ValueError(f"mask has {mask.num_heads} heads, q has {shape.heads}")
+    heads = jnp.arange(shape.heads)[:, None, None]
+    per_head = mask.on_arrays(q_pos[None, :, None], kv_pos[None, None, :], heads)
+    allowed = (allowed & per_head).reshape(shape.kv_heads, shape.groups, n, max_len)
+  scale = resolve_scale(scale, shape.head_dim)
+  out, _ = reference.attend_allowed(
+    q, k_cache, v_cache, allowed, shape=shape, scale=scale, softcap=softcap, sinks=sinks
+  )
+  return out
