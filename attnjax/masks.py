@@ -174,7 +174,9 @@ class KeyRange(Mask):
   hi: int
 
   def _eval(self, h, q, k):
-    return np.broadcast_to((k >= self.lo) & (k < self.hi), np.broadcast_shapes(q.shape, k.shape))
+    shape = np.broadcast_shapes(q.shape, k.shape)
+    in_range = (k >= self.lo) & (k < self.hi)
+    return (jnp if isinstance(in_range, jax.Array) else np).broadcast_to(in_range, shape)
 
   def _bounds(self, h, q_lo, q_hi, k_lo, k_hi):
     shape = np.broadcast_shapes(np.shape(q_lo), np.shape(k_lo))

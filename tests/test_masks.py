@@ -194,3 +194,16 @@ def test_a_mask_built_from_a_traced_value_says_to_build_it_outside_jit(build, na
   with pytest.raises(ValueError, match=f"{name} is a traced value .*outside `jax.jit`"):
     jax.jit(build)(x)
   assert isinstance(build(x), masks.Mask)  # the same call on concrete values builds
+
+
+@pytest.mark.parametrize(
+  "mask",
+  [masks.causal(), masks.sliding_window(3), masks.causal() & masks.chunked(4), masks.prefix_lm(3)],
+  ids=["causal", "window", "chunked", "prefix_lm"],
+)
+def test_on_arrays_evaluates_traced_positions_as_numpy_does(mask):
+  kv_pos = np.arange(12)
+  at = jax.jit(lambda start: mask.on_arrays((start + np.arange(4))[:, None], kv_pos[None]))
+  for start in (0, 5, 8):
+    want = mask((start + np.arange(4))[:, None], kv_pos[None])
+    np.testing.assert_array_equal(at(start), want)

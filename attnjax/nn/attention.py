@@ -153,8 +153,8 @@ class Attention(nnx.Module):
     """Zero keys and values `[batch, max_len, kv_heads, head_dim]` in `dtype`."""
     self._check_decodes()
     _, kv_heads, head_dim = self.k.shape
-    zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
-    return {"k": zeros, "v": zeros}
+    shape = (batch, max_len, kv_heads, head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # two buffers to donate
 
   def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
     """`x [batch, n, embed]` at positions `position + [0, n)` -> (out, cache with its K/V)."""

@@ -1,0 +1,132 @@
+"""Decoding with `DecoderLM.init_cache` / `decode` reproduces the full forward's logits, for
+every variant that decodes, token by token and in prefill chunks of odd sizes, in float32
+and bfloat16; `generate` is the full model's greedy continuation; bad input and variants
+without a cache raise ValueErrors naming them."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from attnjax import nn
+from attnjax.nn import generate, sample_logits
+from tests.helpers import TOL_BF16, TOL_BLOCKED_F32, assert_close
+
+VOCAB, SEQ = 13, 11
+# Variant -> its options; every one in a hybrid with a softmax layer, 4 query / 2 kv heads.
+DECODING = {
+  "softmax": {},
+  "sliding_window": {"window": 3},
+  "chunked": {"chunk_size": 4},
+  "prefix_lm": {"prefix_len": 3},
+  "linear": {},
+  "based": {},
+  "gla": {},
+  "lightning": {},
+  "retention": {},
+  "hgrn2": {},
+  "flowformer": {},
+  "lightnet": {},
+  "deltanet": {},
+  "gated_deltanet": {},
+}
+# Prefill chunks; the first covers prefix_lm's 3-token bidirectional prefix.
+CHUNKS = (3, 1, 5, 2)
+
+
+def model(name, dtype=jnp.float32, seed=0):
+  options = DECODING.get(name, {})
+  return nn.DecoderLM(
+    vocab_size=VOCAB, embed_dim=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=16,
+    layer_pattern=f"{name},softmax", mixer_options={name: options} if options else None,
+    dtype=dtype, rngs=nnx.Rngs(seed),
+  )  # fmt: skip
+
+
+def tokens(seed, batch=2, seq=SEQ):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (batch, seq)), jnp.int32)
+
+
+def decoded(lm, ids, chunks, max_len=16):
+  cache = lm.init_cache(ids.shape[0], max_len)
+  step = jax.jit(lambda cache, chunk: lm.decode(chunk, cache))
+  logits, start = [], 0
+  for size in chunks:
+    out, cache = step(cache, ids[:, start : start + size])
+    logits.append(out)
+    start += size
+  assert int(cache["position"]) == start
+  return jnp.concatenate(logits, axis=1)
+
+
+@pytest.mark.parametrize("name", sorted(DECODING))
+def test_chunks_and_single_tokens_give_the_full_forward_logits(name):
+  lm, ids = model(name), tokens(1)
+  want = lm(ids)
+  assert_close(decoded(lm, ids, CHUNKS), want, TOL_BLOCKED_F32, f"{name} in chunks {CHUNKS}")
+  singles = (3,) + (1,) * (SEQ - 3) if name == "prefix_lm" else (1,) * SEQ
+  assert_close(decoded(lm, ids, singles), want, TOL_BLOCKED_F32, f"{name} token by token")
+
+
+@pytest.mark.parametrize("name", ["softmax", "sliding_window", "gla", "gated_deltanet"])
+def test_bfloat16_decoding_matches_the_bfloat16_forward(name):
+  lm, ids = model(name, jnp.bfloat16), tokens(2)
+  assert lm.init_cache(2, 16)["layers"][1]["k"].dtype == jnp.bfloat16
+  assert_close(decoded(lm, ids, CHUNKS), lm(ids), 4 * TOL_BF16, f"{name} bfloat16")
+
+
+def test_generate_greedy_is_the_full_models_argmax_continuation():
+  lm, prompt = model("gla", seed=3), tokens(4, seq=5)
+  out = generate(lm, prompt, 6)
+  want = prompt
+  for _ in range(6):
+    next_token = jnp.argmax(lm(want)[:, -1], axis=-1).astype(jnp.int32)
+    want = jnp.concatenate([want, next_token[:, None]], axis=1)
+  np.testing.assert_array_equal(out, want)
+  np.testing.assert_array_equal(generate(lm, prompt, 0), prompt)
+
+
+def test_sampling_respects_top_k_top_p_and_temperature():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 512))
+  keys = jax.random.split(jax.random.key(0), 4)
+  top2 = sample_logits(logits, keys[0], temperature=1.0, top_k=2)
+  assert set(np.unique(top2)) == {0, 1}
+  nucleus = sample_logits(logits, keys[1], temperature=1.0, top_p=0.75)  # 0.5 + 0.3 >= 0.75
+  assert set(np.unique(nucleus)) == {0, 1}
+  sampled = sample_logits(logits, keys[2], temperature=1.0)
+  assert set(np.unique(sampled)) == {0, 1, 2, 3}
+  assert 0.4 < float(jnp.mean(sampled == 0)) < 0.6
+  np.testing.assert_array_equal(sample_logits(logits, None), np.zeros(512))
+  lm, prompt = model("softmax"), tokens(5, seq=4)
+  greedy = generate(lm, prompt, 4)
+  np.testing.assert_array_equal(
+    generate(lm, prompt, 4, temperature=0.7, top_k=1, rng=jax.random.key(1)), greedy
+  )
+
+
+@pytest.mark.parametrize("name", ["gated", "sinks", "cca", "softplus", "neighborhood"])
+def test_variants_without_a_cache_raise_naming_themselves(name):
+  with pytest.raises(ValueError, match=f"variant {name!r} cannot decode"):
+    model(name).init_cache(2, 16)
+
+
+def test_bad_decoding_input_raises():
+  lm = model("softmax")
+  cache = lm.init_cache(2, 8)
+  with pytest.raises(ValueError, match="max_len=8"):
+    lm.decode(tokens(6, seq=9), cache)
+  with pytest.raises(ValueError, match="batch 3"):
+    lm.decode(tokens(6, batch=3, seq=2), cache)
+  with pytest.raises(ValueError, match=r"tokens must be \[batch, n\]"):
+    lm.decode(jnp.zeros((2,), jnp.int32), cache)
+  with pytest.raises(ValueError, match="max_len must be a positive int"):
+    lm.init_cache(2, 0)
+  with pytest.raises(ValueError, match="needs rng"):
+    generate(lm, tokens(6, seq=2), 3, temperature=1.0)
+  with pytest.raises(ValueError, match="top_p must be in"):
+    generate(lm, tokens(6, seq=2), 3, top_p=0.0)
+  with pytest.raises(ValueError, match="prompt must be"):
+    generate(lm, jnp.zeros((2, 0), jnp.int32), 3)
