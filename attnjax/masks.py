@@ -36,6 +36,9 @@ class Mask(abc.ABC):
 
   num_heads: int | None = None  # None: the same mask for every head.
   diagonal_invariant: bool = False  # True when the predicate depends on q_pos - kv_pos only.
+  # The largest q_pos - kv_pos the mask allows (None: unbounded or unknown); a decoder keeps
+  # only that many past keys.
+  lookback: int | None = None
 
   @abc.abstractmethod
   def _eval(self, h: np.ndarray, q: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -98,6 +101,7 @@ class SlidingWindow(Mask):
   left: int
   right: int
   diagonal_invariant = True
+  lookback = property(lambda self: self.left)
 
   def _eval(self, h, q, k):
     d = q - k
@@ -190,6 +194,7 @@ class Chunked(Mask):
   """Query and key in the same chunk of `size` positions (Llama 4 chunked attention)."""
 
   size: int
+  lookback = property(lambda self: self.size - 1)
 
   def _eval(self, h, q, k):
     return q // self.size == k // self.size
@@ -302,6 +307,12 @@ class Documents(Mask):
     return may, must
 
 
+def _max_lookback(masks) -> int | None:
+  """The lookback of a union: the largest, None if any is unbounded."""
+  lookbacks = [m.lookback for m in masks]
+  return None if None in lookbacks else max(lookbacks)
+
+
 def _combined_heads(*masks: Mask) -> int | None:
   counts = {m.num_heads for m in masks} - {None}
   if len(counts) > 1:
@@ -327,6 +338,10 @@ class _Binary(Mask):
 
 @dataclasses.dataclass(frozen=True)
 class And(_Binary):
+  lookback = property(
+    lambda self: min((x for x in (self.a.lookback, self.b.lookback) if x is not None), default=None)
+  )
+
   def _eval(self, h, q, k):
     return self.a._eval(h, q, k) & self.b._eval(h, q, k)
 
@@ -337,6 +352,8 @@ class And(_Binary):
 
 @dataclasses.dataclass(frozen=True)
 class Or(_Binary):
+  lookback = property(lambda self: _max_lookback((self.a, self.b)))
+
   def _eval(self, h, q, k):
     return self.a._eval(h, q, k) | self.b._eval(h, q, k)
 
@@ -368,6 +385,7 @@ class PerHead(Mask):
 
   num_heads = property(lambda self: len(self.masks))
   diagonal_invariant = property(lambda self: all(m.diagonal_invariant for m in self.masks))
+  lookback = property(lambda self: _max_lookback(self.masks))
 
   def _eval(self, h, q, k):
     out = np.zeros(np.broadcast_shapes(h.shape, q.shape, k.shape), bool)

@@ -149,23 +149,51 @@ class Attention(nnx.Module):
     if registry.get(self.variant).capabilities.split != "mask":
       raise cache_lib.no_cache(self.variant, "its op is not a mask of dot_product_attention")
 
+  def _keywords(self) -> dict:
+    """The variant's `dot_product_attention` keywords (its mask and options)."""
+    return registry.get(self.variant).preset(dict(self.variant_options), self.q.shape[1])
+
   def init_cache(self, batch: int, max_len: int, dtype) -> dict:
-    """Zero keys and values `[batch, max_len, kv_heads, head_dim]` in `dtype`."""
+    """Zero keys and values `[batch, rows, kv_heads, head_dim]` in `dtype`.
+
+    `rows` is `max_len`, or the mask's lookback when smaller (a sliding window's or chunk's
+    past keys): then the cache is a ring buffer, row `p % rows` holding position `p`.
+    """
     self._check_decodes()
     _, kv_heads, head_dim = self.k.shape
-    shape = (batch, max_len, kv_heads, head_dim)
+    lookback = self._keywords()["mask"].lookback
+    rows = max_len if lookback is None or lookback >= max_len else lookback
+    shape = (batch, rows, kv_heads, head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # two buffers to donate
 
   def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
     """`x [batch, n, embed]` at positions `position + [0, n)` -> (out, cache with its K/V)."""
     self._check_decodes()
-    rows = position + jnp.arange(x.shape[1], dtype=jnp.int32)
+    n = x.shape[1]
+    rows = position + jnp.arange(n, dtype=jnp.int32)
     _, q, k, v = self.project_qkv(x, positions=rows)
+    keywords = self._keywords()
+    mask = keywords["mask"]
+    if mask.lookback is None or cache["k"].shape[1] > mask.lookback:
+      cache = {
+        name: jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype),
+                                                  position, axis=1)
+        for name, new in (("k", k), ("v", v))
+      }  # fmt: skip
+      out = cached.cached_attention(q, cache["k"], cache["v"], q_start=position, **keywords)
+      return self.project_out(out), cache
+    # Ring buffer: attend to its rows and the new chunk, then keep the latest `size` keys.
+    size = cache["k"].shape[1]
+    slots = jnp.arange(size, dtype=jnp.int32)
+    held = position - 1 - jnp.mod(position - 1 - slots, size)  # latest position < start
+    keys, values = (jnp.concatenate([cache[name], new.astype(cache[name].dtype)], axis=1)
+                    for name, new in (("k", k), ("v", v)))  # fmt: skip
+    out = cached.cached_attention(
+      q, keys, values, q_start=position, kv_positions=jnp.concatenate([held, rows]), **keywords
+    )
+    kept = slice(max(n - size, 0), n)
     cache = {
-      name: jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype),
-                                                position, axis=1)
+      name: cache[name].at[:, jnp.mod(rows[kept], size)].set(new[:, kept].astype(cache[name].dtype))
       for name, new in (("k", k), ("v", v))
-    }  # fmt: skip
-    keywords = registry.get(self.variant).preset(dict(self.variant_options), q.shape[2])
-    out = cached.cached_attention(q, cache["k"], cache["v"], q_start=position, **keywords)
+    }
     return self.project_out(out), cache

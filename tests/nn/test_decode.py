@@ -78,6 +78,17 @@ def test_bfloat16_decoding_matches_the_bfloat16_forward(name):
   assert_close(decoded(lm, ids, CHUNKS), lm(ids), 4 * TOL_BF16, f"{name} bfloat16")
 
 
+@pytest.mark.parametrize("options,rows", [({"window": 3}, 2), ({"window": 1}, 0), ({}, 16)])
+def test_sliding_window_keeps_a_ring_of_its_lookback(options, rows):
+  lm = nn.DecoderLM(vocab_size=VOCAB, embed_dim=32, depth=1, num_heads=4, num_kv_heads=2,
+                    mlp_dim=0, layer_pattern="sliding_window", rngs=nnx.Rngs(7),
+                    mixer_options={"sliding_window": options} if options else None)  # fmt: skip
+  cache = lm.init_cache(2, 16)
+  assert cache["layers"][0]["k"].shape == (2, rows, 2, 8)
+  ids = tokens(8, seq=14)
+  assert_close(decoded(lm, ids, (5, 1, 1, 4, 3)), lm(ids), TOL_BLOCKED_F32, f"ring {rows}")
+
+
 def test_generate_greedy_is_the_full_models_argmax_continuation():
   lm, prompt = model("gla", seed=3), tokens(4, seq=5)
   out = generate(lm, prompt, 6)

@@ -23,6 +23,7 @@ def cached_attention(
   v_cache: jax.Array,
   *,
   q_start: jax.Array | int,
+  kv_positions: jax.Array | None = None,
   mask: masks_lib.Mask | None = None,
   scale: float | None = None,
   softcap: float | None = None,
@@ -36,6 +37,8 @@ def cached_attention(
       `[0, q_start + n)` (the new chunk's included); later rows are ignored.
     v_cache: `[batch, max_len, kv_heads, value_dim]`, likewise.
     q_start: int32 scalar (may be traced), the position of `q[:, 0]`.
+    kv_positions: int32 `[max_len]`, the position each cache row holds (a ring buffer's);
+      None: row i holds position i. Rows at a negative position are empty.
     mask: the variant's `attnjax.masks.Mask` over absolute positions (None: causal). A
       query sees the cache rows written so far that the mask allows: a mask that lets a
       query see later positions (a bidirectional prefix) matches the full forward only for
@@ -48,9 +51,12 @@ def cached_attention(
   shape = check_qkv(q, k_cache, v_cache)
   n, max_len = shape.q_len, shape.kv_len
   q_pos = jnp.asarray(q_start, jnp.int32) + jnp.arange(n, dtype=jnp.int32)
-  kv_pos = jnp.arange(max_len, dtype=jnp.int32)
+  if kv_positions is None:
+    kv_positions = jnp.arange(max_len, dtype=jnp.int32)
+  kv_pos = jnp.asarray(kv_positions, jnp.int32)
   mask = masks_lib.causal() if mask is None else mask
-  allowed = kv_pos[None, :] < q_pos[-1] + 1  # rows written so far, the new chunk's included
+  # Rows written so far, the new chunk's included.
+  allowed = ((kv_pos >= 0) & (kv_pos < q_pos[-1] + 1))[None, :]
   if mask.num_heads is None:
     allowed = allowed & mask.on_arrays(q_pos[:, None], kv_pos[None, :])
   else:
