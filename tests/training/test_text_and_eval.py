@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import eval as eval_main
+import generate as generate_main
 import train
 from attnjax.training.metrics import read_metrics
 from configs import text_lm
@@ -51,6 +52,20 @@ def test_eval_writes_curves_and_plot(text_run):
   with open(os.path.join(workdir, "eval.json")) as f:
     assert json.load(f)["loss"]["loss"] == pytest.approx(results["loss"]["loss"])
   assert os.path.getsize(os.path.join(workdir, "eval.png")) > 1000
+
+
+def test_generate_continues_a_prompt_with_the_runs_greedy_bytes(text_run):
+  _, workdir = text_run
+  text = generate_main.run(workdir, "def f(", 12)
+  assert text.startswith("def f(")
+  assert generate_main.run(workdir, "def f(", 12) == text  # greedy: deterministic
+  sampled = generate_main.run(workdir, "def f(", 12, temperature=1.0, seed=3)
+  assert sampled.startswith("def f(")
+
+
+def test_generate_refuses_runs_without_text(mqar_run):
+  with pytest.raises(ValueError, match="data.kind='mqar'"):
+    generate_main.run(mqar_run, "x", 4)
 
 
 def test_eval_restores_the_saved_config_of_a_run(mqar_run, tmp_path):
