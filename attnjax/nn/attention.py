@@ -143,15 +143,22 @@ class Attention(nnx.Module):
     return self.project_out(self.attend(q, k, v, segment_ids=segment_ids))
 
   def _check_decodes(self) -> None:
-    # Subclasses with their own __call__ compute more than the mask preset's attention.
-    if type(self).__call__ is not Attention.__call__:
+    # A subclass with its own __call__ computes more than its op: it decodes only where it
+    # says how (its own `decode`).
+    own_decode = type(self).decode is not Attention.decode
+    if type(self).__call__ is not Attention.__call__ and not own_decode:
       raise cache_lib.no_cache(self.variant)
-    if registry.get(self.variant).capabilities.split != "mask":
+    if registry.get(self.variant).capabilities.split != "mask" and not own_decode:
       raise cache_lib.no_cache(self.variant, "its op is not a mask of dot_product_attention")
+    if self.seq_parallel is not None and self.seq_parallel.splits_sequence:
+      raise cache_lib.no_cache(self.variant, "decoding does not split the sequence (seq_parallel)")
 
   def _keywords(self) -> dict:
-    """The variant's `dot_product_attention` keywords (its mask and options)."""
-    return registry.get(self.variant).preset(dict(self.variant_options), self.q.shape[1])
+    """The variant's attention keywords over absolute positions (its mask, scale, ...)."""
+    variant = registry.get(self.variant)
+    if variant.capabilities.split == "mask":
+      return variant.preset(dict(self.variant_options), self.q.shape[1])
+    return {**variant.defaults, **dict(self.variant_options)}
 
   def init_cache(self, batch: int, max_len: int, dtype) -> dict:
     """Zero keys and values `[batch, rows, kv_heads, head_dim]` in `dtype`.
@@ -169,10 +176,18 @@ class Attention(nnx.Module):
   def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
     """`x [batch, n, embed]` at positions `position + [0, n)` -> (out, cache with its K/V)."""
     self._check_decodes()
-    n = x.shape[1]
+    _, q, k, v = self.project_qkv(x, positions=position + jnp.arange(x.shape[1]))
+    out, cache = self.cached_attend(q, k, v, cache, position)
+    return self.project_out(out), cache
+
+  def cached_attend(self, q, k, v, cache: dict, position: jax.Array, **extra):
+    """(attention of the chunk `q, k, v` over the cache and itself, the cache holding them).
+
+    `extra`: keywords of `cached_attention` beyond the variant's (`sinks`, `return_lse`).
+    """
+    n = q.shape[1]
     rows = position + jnp.arange(n, dtype=jnp.int32)
-    _, q, k, v = self.project_qkv(x, positions=rows)
-    keywords = self._keywords()
+    keywords = {**self._keywords(), **extra}
     mask = keywords["mask"]
     if mask.lookback is None or cache["k"].shape[1] > mask.lookback:
       cache = {
@@ -181,7 +196,7 @@ class Attention(nnx.Module):
         for name, new in (("k", k), ("v", v))
       }  # fmt: skip
       out = cached.cached_attention(q, cache["k"], cache["v"], q_start=position, **keywords)
-      return self.project_out(out), cache
+      return out, cache
     # Ring buffer: attend to its rows and the new chunk, then keep the latest `size` keys.
     size = cache["k"].shape[1]
     slots = jnp.arange(size, dtype=jnp.int32)
@@ -196,4 +211,4 @@ class Attention(nnx.Module):
       name: cache[name].at[:, jnp.mod(rows[kept], size)].set(new[:, kept].astype(cache[name].dtype))
       for name, new in (("k", k), ("v", v))
     }
-    return self.project_out(out), cache
+    return out, cache

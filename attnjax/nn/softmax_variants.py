@@ -27,6 +27,7 @@ from attnjax.nn.params import fan_in_init, param
 from attnjax.nn.rope import apply_rope
 from attnjax.nn.seq_parallel import SeqParallel, token_positions, variant_op
 from attnjax.ops import moh_route
+from attnjax.ops.softmax import sinks as sink_ops
 
 AUX_LOSS = "aux_loss"  # name of the sown `nnx.Intermediate` the trainer adds to the loss
 
@@ -60,8 +61,17 @@ class GatedAttention(Attention):
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     x, q, k, v = self.project_qkv(x)
-    gate = jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, self.gate[...].astype(self.dtype)))
-    return self.project_out(self.attend(q, k, v, gate, segment_ids=segment_ids))
+    return self.project_out(self.attend(q, k, v, self._gate(x), segment_ids=segment_ids))
+
+  def _gate(self, x: jax.Array) -> jax.Array:
+    return jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, self.gate[...].astype(self.dtype)))
+
+  def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
+    """As `Attention.decode`, the attention gated per head (or channel)."""
+    self._check_decodes()
+    x, q, k, v = self.project_qkv(x, positions=position + jnp.arange(x.shape[1]))
+    out, cache = self.cached_attend(q, k, v, cache, position)
+    return self.project_out((out * self._gate(x)).astype(out.dtype)), cache
 
 
 class SinkAttention(Attention):
@@ -94,14 +104,32 @@ class SinkAttention(Attention):
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     _, q, k, v = self.project_qkv(x)
-    sink_tokens = {}
-    if self.sink_k is not None:
-      sink_tokens = {
-        "sink_k": self.sink_k[...].astype(self.dtype),
-        "sink_v": self.sink_v[...].astype(self.dtype),
-      }
-    out = self.attend(q, k, v, segment_ids=segment_ids, sinks=self.sinks[...], **sink_tokens)
+    out = self.attend(q, k, v, segment_ids=segment_ids, sinks=self.sinks[...], **self._tokens())
     return self.project_out(out)
+
+  def _tokens(self) -> dict:
+    if self.sink_k is None:
+      return {}
+    return {
+      "sink_k": self.sink_k[...].astype(self.dtype),
+      "sink_v": self.sink_v[...].astype(self.dtype),
+    }
+
+  def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
+    """As `Attention.decode`, with the sink logits and the sink tokens' keys and values."""
+    self._check_decodes()
+    _, q, k, v = self.project_qkv(x, positions=position + jnp.arange(x.shape[1]))
+    sinks = self.sinks[...]
+    if self.sink_k is None:
+      out, cache = self.cached_attend(q, k, v, cache, position, sinks=sinks)
+      return self.project_out(out), cache
+    part, cache = self.cached_attend(q, k, v, cache, position, sinks=sinks, return_lse=True)
+    tokens = self._tokens()
+    sink_part = sink_ops.token_attention(q, tokens["sink_k"], tokens["sink_v"], **{
+      key: value for key, value in self._keywords().items() if key in ("scale", "softcap")
+    })  # fmt: skip
+    out = sink_ops.merge_partial_attention(part, sink_part).astype(q.dtype)
+    return self.project_out(out), cache
 
 
 class MoHAttention(Attention):

@@ -22,6 +22,8 @@ DECODING = {
   "sliding_window": {"window": 3},
   "chunked": {"chunk_size": 4},
   "prefix_lm": {"prefix_len": 3},
+  "gated": {"gate": "headwise"},
+  "sinks": {"num_sink_tokens": 2},
   "linear": {},
   "based": {},
   "gla": {},
@@ -71,7 +73,7 @@ def test_chunks_and_single_tokens_give_the_full_forward_logits(name):
   assert_close(decoded(lm, ids, singles), want, TOL_BLOCKED_F32, f"{name} token by token")
 
 
-@pytest.mark.parametrize("name", ["softmax", "sliding_window", "gla", "gated_deltanet"])
+@pytest.mark.parametrize("name", ["softmax", "sliding_window", "sinks", "gla", "gated_deltanet"])
 def test_bfloat16_decoding_matches_the_bfloat16_forward(name):
   lm, ids = model(name, jnp.bfloat16), tokens(2)
   assert lm.init_cache(2, 16)["layers"][1]["k"].dtype == jnp.bfloat16
@@ -118,7 +120,7 @@ def test_sampling_respects_top_k_top_p_and_temperature():
   )
 
 
-@pytest.mark.parametrize("name", ["gated", "sinks", "cca", "softplus", "neighborhood"])
+@pytest.mark.parametrize("name", ["moh", "selective", "cca", "softplus", "neighborhood"])
 def test_variants_without_a_cache_raise_naming_themselves(name):
   with pytest.raises(ValueError, match=f"variant {name!r} cannot decode"):
     model(name).init_cache(2, 16)

@@ -28,7 +28,8 @@ def cached_attention(
   scale: float | None = None,
   softcap: float | None = None,
   sinks: jax.Array | None = None,
-) -> jax.Array:
+  return_lse: bool = False,
+):
   """Attention of `q` at positions `q_start, ..., q_start + n - 1` over the cache.
 
   Args:
@@ -43,10 +44,11 @@ def cached_attention(
       query sees the cache rows written so far that the mask allows: a mask that lets a
       query see later positions (a bidirectional prefix) matches the full forward only for
       keys already in the cache, i.e. when the chunk holding them is decoded at once.
-    scale, softcap, sinks: as `dot_product_attention`.
+    scale, softcap, sinks, return_lse: as `dot_product_attention`.
 
   Returns:
-    `[batch, n, heads, value_dim]` in q's dtype; a row with no allowed key gives zeros.
+    `[batch, n, heads, value_dim]` in q's dtype (a row with no allowed key gives zeros), and
+    the float32 log-sum-exp `[batch, n, heads]` if `return_lse`.
   """
   shape = check_qkv(q, k_cache, v_cache)
   n, max_len = shape.q_len, shape.kv_len
@@ -66,7 +68,7 @@ def cached_attention(
     per_head = mask.on_arrays(q_pos[None, :, None], kv_pos[None, None, :], heads)
     allowed = (allowed & per_head).reshape(shape.kv_heads, shape.groups, n, max_len)
   scale = resolve_scale(scale, shape.head_dim)
-  out, _ = reference.attend_allowed(
+  out, lse = reference.attend_allowed(
     q, k_cache, v_cache, allowed, shape=shape, scale=scale, softcap=softcap, sinks=sinks
   )
-  return out
+  return (out, lse) if return_lse else out

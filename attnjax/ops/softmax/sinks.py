@@ -75,14 +75,20 @@ def sink_attention(
       f"sink_v must be [num_sink_tokens, kv_heads, value_dim] = {(*sink_k.shape[:2],)} + "
       f"({shape.value_dim},), got {sink_v.shape}"
     )
-  batched = [jnp.broadcast_to(t, (shape.batch, *t.shape)) for t in (sink_k, sink_v)]
   sink_kwargs = {
     key: attention_kwargs[key] for key in ("scale", "softcap") if key in attention_kwargs
   }
-  sink_out, sink_lse = softmax_api.dot_product_attention(
-    q, *batched, impl=impl, return_lse=True, **sink_kwargs
-  )
-  return merge_partial_attention((out, lse), (sink_out, sink_lse)).astype(out.dtype)
+  sink_part = token_attention(q, sink_k, sink_v, impl=impl, **sink_kwargs)
+  return merge_partial_attention((out, lse), sink_part).astype(out.dtype)
+
+
+def token_attention(q, sink_k, sink_v, *, impl: str = "auto", **kwargs):
+  """(out, lse) of `q [batch, q_len, heads, d]` over the sink tokens alone, every one visible.
+
+  `sink_k [n, kv_heads, d]`, `sink_v [n, kv_heads, dv]`; `kwargs`: `scale`, `softcap`.
+  """
+  batched = [jnp.broadcast_to(t, (q.shape[0], *t.shape)) for t in (sink_k, sink_v)]
+  return softmax_api.dot_product_attention(q, *batched, impl=impl, return_lse=True, **kwargs)
 
 
 def merge_partial_attention(*parts: tuple[jax.Array, jax.Array]) -> jax.Array:
