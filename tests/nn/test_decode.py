@@ -13,6 +13,7 @@ from flax import nnx
 
 from attnjax import nn
 from attnjax.nn import generate, sample_logits
+from attnjax.ops.softmax import cached
 from tests.helpers import TOL_BF16, TOL_BLOCKED_F32, assert_close
 
 VOCAB, SEQ = 13, 11
@@ -71,6 +72,13 @@ def test_chunks_and_single_tokens_give_the_full_forward_logits(name):
   assert_close(decoded(lm, ids, CHUNKS), want, TOL_BLOCKED_F32, f"{name} in chunks {CHUNKS}")
   singles = (3,) + (1,) * (SEQ - 3) if name == "prefix_lm" else (1,) * SEQ
   assert_close(decoded(lm, ids, singles), want, TOL_BLOCKED_F32, f"{name} token by token")
+
+
+@pytest.mark.parametrize("name", ["softmax", "prefix_lm", "sliding_window", "sinks"])
+def test_long_prefill_chunks_attend_in_query_blocks(name, monkeypatch):
+  monkeypatch.setattr(cached, "QUERY_BLOCK", 2)  # chunks of 3 and 5 queries: 2 and 3 blocks
+  lm, ids = model(name), tokens(9)
+  assert_close(decoded(lm, ids, CHUNKS), lm(ids), TOL_BLOCKED_F32, f"{name} in query blocks")
 
 
 @pytest.mark.parametrize("name", ["softmax", "sliding_window", "sinks", "gla", "gated_deltanet"])

@@ -4,10 +4,13 @@ A decoder keeps the keys and values of every position so far in `[batch, max_len
 dim]` buffers and appends each new chunk at its position. Positions are traced (one compiled
 step serves every position), so the mask is evaluated on arrays (`Mask.on_arrays`) rather
 than classified into tiles, and cache rows at or beyond the end of the new chunk are
-excluded. The math is the float32 reference's (`reference.attend_allowed`).
+excluded. The math is the float32 reference's (`reference.attend_allowed`), a block of
+queries at a time.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,10 @@ import jax.numpy as jnp
 from attnjax import masks as masks_lib
 from attnjax.ops.qkv import check_qkv, resolve_scale
 from attnjax.ops.softmax import reference
+
+# Queries attended at once: a long prefill chunk holds [QUERY_BLOCK, cache rows] logits per
+# head at a time, not [chunk, cache rows].
+QUERY_BLOCK = 256
 
 
 def cached_attention(
@@ -51,24 +58,39 @@ def cached_attention(
     the float32 log-sum-exp `[batch, n, heads]` if `return_lse`.
   """
   shape = check_qkv(q, k_cache, v_cache)
-  n, max_len = shape.q_len, shape.kv_len
-  q_pos = jnp.asarray(q_start, jnp.int32) + jnp.arange(n, dtype=jnp.int32)
+  n = shape.q_len
   if kv_positions is None:
-    kv_positions = jnp.arange(max_len, dtype=jnp.int32)
+    kv_positions = jnp.arange(shape.kv_len, dtype=jnp.int32)
   kv_pos = jnp.asarray(kv_positions, jnp.int32)
   mask = masks_lib.causal() if mask is None else mask
-  # Rows written so far, the new chunk's included.
-  allowed = ((kv_pos >= 0) & (kv_pos < q_pos[-1] + 1))[None, :]
-  if mask.num_heads is None:
-    allowed = allowed & mask.on_arrays(q_pos[:, None], kv_pos[None, :])
-  else:
-    if mask.num_heads != shape.heads:
-      raise ValueError(f"mask has {mask.num_heads} heads, q has {shape.heads}")
-    heads = jnp.arange(shape.heads)[:, None, None]
-    per_head = mask.on_arrays(q_pos[None, :, None], kv_pos[None, None, :], heads)
-    allowed = (allowed & per_head).reshape(shape.kv_heads, shape.groups, n, max_len)
-  scale = resolve_scale(scale, shape.head_dim)
-  out, lse = reference.attend_allowed(
-    q, k_cache, v_cache, allowed, shape=shape, scale=scale, softcap=softcap, sinks=sinks
-  )
+  if mask.num_heads is not None and mask.num_heads != shape.heads:
+    raise ValueError(f"mask has {mask.num_heads} heads, q has {shape.heads}")
+  q_start = jnp.asarray(q_start, jnp.int32)
+  # Rows written so far: up to the chunk's last position, the chunk's own included.
+  written = (kv_pos >= 0) & (kv_pos < q_start + n)
+
+  def block(q_block, block_start):
+    q_pos = block_start + jnp.arange(q_block.shape[1], dtype=jnp.int32)
+    if mask.num_heads is None:
+      allowed = written[None, :] & mask.on_arrays(q_pos[:, None], kv_pos[None, :])
+    else:
+      heads = jnp.arange(shape.heads)[:, None, None]
+      allowed = written & mask.on_arrays(q_pos[None, :, None], kv_pos[None, None, :], heads)
+      allowed = allowed.reshape(shape.kv_heads, shape.groups, len(q_pos), shape.kv_len)
+    block_shape = dataclasses.replace(shape, q_len=q_block.shape[1])
+    return reference.attend_allowed(
+      q_block, k_cache, v_cache, allowed, shape=block_shape, scale=resolve_scale(scale,
+      shape.head_dim), softcap=softcap, sinks=sinks,
+    )  # fmt: skip
+
+  if n <= QUERY_BLOCK:
+    out, lse = block(q, q_start)
+  else:  # a long prefill: blocks of queries bound the [block, kv] logits held at once
+    blocks = -(-n // QUERY_BLOCK)
+    padded = jnp.pad(q, [(0, 0), (0, blocks * QUERY_BLOCK - n), (0, 0), (0, 0)])
+    chunks = jnp.moveaxis(padded.reshape(shape.batch, blocks, QUERY_BLOCK, *q.shape[2:]), 1, 0)
+    starts = q_start + QUERY_BLOCK * jnp.arange(blocks, dtype=jnp.int32)
+    out, lse = jax.lax.map(lambda xs: block(*xs), (chunks, starts))
+    out = jnp.moveaxis(out, 0, 1).reshape(shape.batch, -1, *out.shape[3:])[:, :n]
+    lse = jnp.moveaxis(lse, 0, 1).reshape(shape.batch, -1, shape.heads)[:, :n]
   return (out, lse) if return_lse else out
