@@ -159,11 +159,10 @@ class DecoderLM(nnx.Module):
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
     """An empty decoding cache for `batch_size` sequences of up to `max_len` tokens.
 
-    A pytree (`{"layers": one cache per layer, "position": int32 0, "max_len"}`) for `decode`;
-    softmax
-    layers preallocate keys and values `[batch_size, max_len, kv_heads, head_dim]` in `dtype`
-    (None: the model's activation dtype), recurrent layers their state (None until the
-    first `decode`).
+    A pytree (`{"layers": one cache per layer, "position": int32 0, "max_len"}`) for
+    `decode`; softmax layers preallocate keys and values `[batch_size, max_len, kv_heads,
+    head_dim]` in `dtype` (None: the model's activation dtype; windows keep a ring of their
+    lookback), recurrent layers their state (None until the first `decode`).
 
     Raises:
       ValueError: for a layer whose variant cannot decode (naming it), or bad sizes.
