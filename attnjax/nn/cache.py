@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+from jax.sharding import PartitionSpec
 
 
 class Step(NamedTuple):
@@ -32,3 +33,25 @@ def no_cache(variant: str, why: str = "its mixer has no decoding cache yet") -> 
     "softmax attention (softmax, sliding_window, chunked, prefix_lm), gated and sinks, the "
     "linear-family mixers and the delta rule (deltanet, gated_deltanet)"
   )
+
+
+def logical_specs(cache) -> Any:
+  """The logical axes of every array of a `DecoderLM` cache, as `PartitionSpec`s of names.
+
+  Keys and values `("batch", None, "kv_heads", "head_dim")`, recurrent states
+  `("batch", "heads", None, ...)`, short-convolution inputs `("batch", None, None)`, the
+  position and length `()`. Map them to mesh axes with the model's rules
+  (`attnjax.training.sharding.tree_shardings`) to shard a cache like the model.
+  """
+
+  def spec(path, x):
+    keys = {getattr(entry, "key", None) for entry in path}
+    if "k" in keys or "v" in keys:
+      return PartitionSpec("batch", None, "kv_heads", "head_dim")
+    if "conv" in keys:
+      return PartitionSpec("batch", None, None)
+    if "state" in keys:
+      return PartitionSpec("batch", "heads", *([None] * (x.ndim - 2)))
+    return PartitionSpec()
+
+  return jax.tree_util.tree_map_with_path(spec, cache)

@@ -10,10 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from attnjax import nn
+from attnjax.nn import cache as cache_lib
 from attnjax.nn import generate, sample_logits
 from attnjax.ops.softmax import cached
+from attnjax.training.config import DEFAULT_RULES
+from attnjax.training.sharding import make_mesh, tree_shardings
 from tests.helpers import TOL_BF16, TOL_BLOCKED_F32, assert_close
 
 VOCAB, SEQ = 13, 11
@@ -151,3 +155,17 @@ def test_bad_decoding_input_raises():
     generate(lm, tokens(6, seq=2), 3, top_p=0.0)
   with pytest.raises(ValueError, match="prompt must be"):
     generate(lm, jnp.zeros((2, 0), jnp.int32), 3)
+
+
+def test_a_cache_sharded_like_the_model_decodes_the_same():
+  mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 2, "seq": 1}, jax.devices()[:4])
+  lm, ids = model("gated_deltanet"), tokens(10, batch=4)
+  want = decoded(lm, ids, (6, 1), max_len=8)
+  cache = lm.init_cache(4, 8)
+  _, cache = lm.decode(ids[:, :6], cache)
+  shardings = tree_shardings(cache_lib.logical_specs(cache), DEFAULT_RULES, mesh)
+  cache = jax.device_put(cache, shardings)
+  assert cache["layers"][1]["k"].sharding.spec == PartitionSpec(("data", "fsdp"), None, "tensor", None)
+  assert cache["layers"][0]["state"].sharding.spec[:2] == (("data", "fsdp"), "tensor")
+  logits, cache = jax.jit(lambda cache, chunk: lm.decode(chunk, cache))(cache, ids[:, 6:7])
+  assert_close(logits, want[:, 6:7], TOL_BLOCKED_F32, "sharded cache")
