@@ -165,7 +165,9 @@ def test_a_cache_sharded_like_the_model_decodes_the_same():
   _, cache = lm.decode(ids[:, :6], cache)
   shardings = tree_shardings(cache_lib.logical_specs(cache), DEFAULT_RULES, mesh)
   cache = jax.device_put(cache, shardings)
-  assert cache["layers"][1]["k"].sharding.spec == PartitionSpec(("data", "fsdp"), None, "tensor", None)
+  assert cache["layers"][1]["k"].sharding.spec == PartitionSpec(
+    ("data", "fsdp"), None, "tensor", None
+  )
   assert cache["layers"][0]["state"].sharding.spec[:2] == (("data", "fsdp"), "tensor")
   logits, cache = jax.jit(lambda cache, chunk: lm.decode(chunk, cache))(cache, ids[:, 6:7])
   assert_close(logits, want[:, 6:7], TOL_BLOCKED_F32, "sharded cache")
