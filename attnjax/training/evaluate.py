@@ -2,7 +2,8 @@
 
 Each takes the run's `Experiment` and the restored parameters and returns a dict of numbers or
 lists (curves): `loss` (loss, perplexity, accuracy on the eval split), `mqar_accuracy`,
-`passkey` (accuracy at `eval.passkey_lengths`), `length_extrapolation` (loss by position on
+`passkey` (accuracy at `eval.passkey_lengths`), `passkey_generation` (the same passkeys
+retrieved by greedy generation from the decoding cache), `length_extrapolation` (loss by position on
 sequences `eval.extrapolation_factor` times the training length).
 """
 
@@ -14,6 +15,7 @@ import numpy as np
 import optax
 
 from attnjax import data
+from attnjax.nn import generate
 from attnjax.training import build
 from attnjax.training.step import evaluate_loss, make_eval_step
 
@@ -40,6 +42,46 @@ def eval_passkey(exp: build.Experiment, params) -> dict[str, list]:
     source = data.Passkey(**{**options, "seq_len": seq_len})
     accuracy.append(_accuracy_on(exp, params, source)["accuracy"])
   return {"seq_len": lengths, "accuracy": accuracy}
+
+
+def passkey_answers(model, inputs: np.ndarray, digits: int) -> np.ndarray:
+  """The `digits` tokens `model` generates greedily after each passkey prompt.
+
+  `inputs` int `[batch, seq]` are passkey sequences (`data.Passkey`); the prompt is all but
+  their last `digits` tokens (it ends with the QUERY mark).
+  """
+  out = generate(model, jnp.asarray(inputs[:, :-digits]), digits)
+  return np.asarray(out[:, -digits:])
+
+
+def eval_passkey_generation(exp: build.Experiment, params) -> dict[str, list]:
+  """Passkeys retrieved by greedy generation from the decoding cache, at each length.
+
+  The prompt ends with the QUERY mark; the model generates `passkey_len` digits. `accuracy`
+  is the fraction of sequences whose digits all match (equal to teacher-forced argmax
+  exact match, since greedy decoding first errs where teacher forcing does), `digit_accuracy`
+  the fraction of digits at their place.
+  """
+  options = dict(exp.config.data.passkey)
+  digits = options["passkey_len"]
+  lengths = list(exp.config.eval.passkey_lengths)
+  model = exp.model(params)
+  exact, per_digit = [], []
+  for seq_len in lengths:
+    source = data.Passkey(**{**options, "seq_len": seq_len})
+    hits, digit_hits, count = 0, 0, 0
+    for i in range(exp.config.eval.num_batches):
+      batch = exp.batch(source, i, split="eval", batch_size=exp.config.eval.batch_size)
+      inputs = np.asarray(jax.device_get(batch["inputs"]))
+      right = passkey_answers(model, inputs, digits) == inputs[:, -digits:]
+      hits, digit_hits, count = (
+        hits + right.all(1).sum(),
+        digit_hits + right.sum(),
+        count + len(right),
+      )
+    exact.append(float(hits / count))
+    per_digit.append(float(digit_hits / (count * digits)))
+  return {"seq_len": lengths, "accuracy": exact, "digit_accuracy": per_digit}
 
 
 def eval_length_extrapolation(exp: build.Experiment, params) -> dict[str, list]:
@@ -73,5 +115,6 @@ EVALUATORS = {
   "loss": eval_loss,
   "mqar_accuracy": eval_mqar,
   "passkey": eval_passkey,
+  "passkey_generation": eval_passkey_generation,
   "length_extrapolation": eval_length_extrapolation,
 }

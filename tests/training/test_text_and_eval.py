@@ -9,6 +9,8 @@ import pytest
 import eval as eval_main
 import generate as generate_main
 import train
+from attnjax import data
+from attnjax.training import checkpoint, evaluate
 from attnjax.training.metrics import read_metrics
 from configs import text_lm
 from tests.training.tiny import tiny_config
@@ -61,6 +63,24 @@ def test_generate_continues_a_prompt_with_the_runs_greedy_bytes(text_run):
   assert generate_main.run(workdir, "def f(", 12) == text  # greedy: deterministic
   sampled = generate_main.run(workdir, "def f(", 12, temperature=1.0, seed=3)
   assert sampled.startswith("def f(")
+
+
+def test_passkey_generation_answers_are_the_models_greedy_digits(text_run):
+  config, workdir = text_run
+  restored = checkpoint.restore(workdir, config)
+  source = data.Passkey(**{**config.data.passkey, "seq_len": 32})
+  inputs = np.asarray(source.batch(0, seed=0, global_batch_size=8, split="eval")["inputs"])
+  digits = config.data.passkey.passkey_len
+  answers = evaluate.passkey_answers(restored.model, inputs, digits)
+  want = inputs[:, :-digits]
+  for _ in range(digits):  # greedy continuation by full forwards
+    next_token = np.argmax(np.asarray(restored.model(want))[:, -1], axis=-1)
+    want = np.concatenate([want, next_token[:, None]], axis=1)
+  np.testing.assert_array_equal(answers, want[:, -digits:])
+  result = evaluate.eval_passkey_generation(restored.experiment, restored.params)
+  assert result["seq_len"] == [32, 64]
+  for exact, per_digit in zip(result["accuracy"], result["digit_accuracy"], strict=True):
+    assert 0.0 <= exact <= per_digit <= 1.0
 
 
 def test_generate_refuses_runs_without_text(mqar_run):
