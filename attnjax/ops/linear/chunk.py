@@ -20,6 +20,9 @@ import jax.numpy as jnp
 # Chunks of the vector-decay (GLA) intra-chunk term processed together: that term needs a
 # [C, C, key_dim] decay tensor per chunk, so it is mapped over chunks to bound memory.
 _VECTOR_DECAY_CHUNKS_PER_STEP = 8
+# Tokens of a sub-chunk of that term: exact [sub, sub, key_dim] decays within one, matmuls of
+# decayed queries and keys between them.
+_SUB_CHUNK = 16
 
 
 def linear_attention(
@@ -85,11 +88,38 @@ def _intra_chunk_scores(q_chunks, k_chunks, cum_decay) -> jax.Array:
     decay = jnp.exp(jnp.where(causal, g[..., :, None] - g[..., None, :], -jnp.inf))
     return jnp.einsum("bhnif,bhnjf->bhnij", q_chunks, k_chunks) * decay
 
+  sub = _SUB_CHUNK if chunk % _SUB_CHUNK == 0 else chunk
+
   def one_chunk(xs):  # q, k, G: [b, h, C, f]
-    q, k, g = xs
-    diff = jnp.where(causal[..., None], g[..., :, None, :] - g[..., None, :, :], -jnp.inf)
-    return jnp.einsum("bhif,bhjf,bhijf->bhij", q, k, jnp.exp(diff))
+    return _vector_decay_chunk_scores(*xs, sub)
 
   chunk_major = [jnp.moveaxis(x, 2, 0) for x in (q_chunks, k_chunks, cum_decay)]
   scores = jax.lax.map(one_chunk, chunk_major, batch_size=_VECTOR_DECAY_CHUNKS_PER_STEP)
   return jnp.moveaxis(scores, 0, 2)
+
+
+def _vector_decay_chunk_scores(q, k, g, sub: int) -> jax.Array:
+  """Scores `[b, h, C, C]` of one chunk under a per-channel decay, `sub` tokens at a time.
+
+  Within a sub-chunk the `[sub, sub, f]` decay tensor is exact. A key j of an earlier
+  sub-chunk with last token e factors through e: `exp(G_i - G_j) = exp(G_i - G_e) exp(G_e -
+  G_j)`, both exponents <= 0 (i after e, j at or before it), so those blocks are matmuls of
+  decayed queries and keys, without the `[C, C, f]` tensor.
+  """
+  b, h, chunk, f = q.shape
+  m = chunk // sub
+  qs, ks, gs = (x.reshape(b, h, m, sub, f) for x in (q, k, g))
+  causal = jnp.tril(jnp.ones((sub, sub), bool))
+  diff = jnp.where(causal[..., None], gs[..., :, None, :] - gs[..., None, :, :], -jnp.inf)
+  diagonal = jnp.einsum("bhmif,bhmjf,bhmijf->bhmij", qs, ks, jnp.exp(diff))
+  scores = jnp.einsum("bhmij,mn->bhminj", diagonal, jnp.eye(m, dtype=q.dtype))
+  scores = scores.reshape(b, h, chunk, chunk)
+  if m == 1:
+    return scores
+  ends = gs[..., -1, :]  # [b, h, m, f]: G at each sub-chunk's last token
+  keys = ks * jnp.exp(ends[..., None, :] - gs)  # [b, h, m, sub, f]
+  later = (jnp.arange(chunk) // sub)[:, None] > jnp.arange(m)[None, :]  # query i after block
+  to_end = jnp.where(later[..., None], g[..., :, None, :] - ends[..., None, :, :], -jnp.inf)
+  queries = q[..., :, None, :] * jnp.exp(to_end)  # [b, h, C, m, f]
+  earlier = jnp.einsum("bhimf,bhmjf->bhimj", queries, keys).reshape(b, h, chunk, chunk)
+  return scores + earlier

@@ -102,6 +102,16 @@ IMPL_FEATURE_MAP_CASES = [("xla", "vector", *case) for case in FEATURE_MAP_CASES
 ]
 
 
+@pytest.mark.parametrize("strength", [1.0, 8.0], ids=["decay", "strong_decay"])
+def test_xla_channel_decay_over_sub_chunks_matches_reference(strength):
+  # Chunks of 64 tokens: four 16-token sub-chunks, the last chunk padded (100 = 64 + 36).
+  q, k, v, _, state = make_inputs(6, seq=100, decay="vector")
+  rng = np.random.default_rng(7)
+  log_decay = make_log_decay("vector", rng, 2, 100, 4, 12, strength=strength)
+  inputs = (q, k, v, log_decay, state)
+  check_matches_reference("xla", inputs, TOL_BLOCKED_F32, causal=True, chunk_size=64)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("decay", DECAY_KINDS)
 @pytest.mark.parametrize("impl", FAST_IMPLS)
