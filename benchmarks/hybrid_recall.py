@@ -69,8 +69,9 @@ def config_for(variant: str, pattern: str, depth: int, seq_len: int, seed: int):
 
 
 def _ratio_order(ratio: str) -> int:
-  """ "alone" first, then r:1 by r."""
-  return 0 if ratio == "alone" else int(ratio.split(":")[0])
+  """Sort key: "all" (softmax) first, then "alone", then r:1 by r."""
+  order = {"all": -1, "alone": 0}
+  return order[ratio] if ratio in order else int(ratio.split(":")[0])
 
 
 def plot(records: list[dict], path: pathlib.Path) -> None:
@@ -106,11 +107,7 @@ def markdown(records: list[dict]) -> str:
     "| L | model | layer_pattern | depth | accuracy per seed | mean |",
     "|---|---|---|---|---|---|",
   ]
-  order = {"all": -1}
-  for r in sorted(
-    records,
-    key=lambda r: (r["seq_len"], r["variant"], order.get(r["ratio"], _ratio_order(r["ratio"]))),
-  ):
+  for r in sorted(records, key=lambda r: (r["seq_len"], r["variant"], _ratio_order(r["ratio"]))):
     accs = ", ".join(f"{a:.3f}" for a in r["accuracies"])
     lines.append(
       f"| {r['seq_len']} | {r['name']} | `{r['pattern']}` | {r['depth']} | {accs} "
