@@ -30,14 +30,27 @@ import jax
 import jax.numpy as jnp
 
 
-class _ChunkTerms(NamedTuple):
-  """Per-chunk pieces of the chunked delta rule (`[b, h, n, ...]`, float32)."""
+class ChunkTerms(NamedTuple):
+  """Per-chunk pieces of the chunked delta rule (`[b, h, n, ...]`, float32). With `S` the state
+  entering a chunk: `O = P U + Q_s S` and `S' = e S + K_e^T (U - W S)`."""
 
   p: jax.Array  # [C, C] decayed causal scores
   u: jax.Array  # [C, dv] values written from a zero state
-  query_state: jax.Array  # [C, dk] how each output reads the entering state
-  transition: jax.Array  # [dk, dk] how the chunk maps the entering state to its end
-  update: jax.Array  # [dk, dv] the chunk's end state from a zero state
+  w: jax.Array  # [C, dk] W_k: how the entering state changes what each token writes
+  query_state: jax.Array  # [C, dk] Q_s: how each output reads the entering state
+  k_end: jax.Array  # [C, dk] K_e: keys decayed to the chunk's end
+  end_decay: jax.Array  # [] e: the entering state's decay to the chunk's end
+
+  def transition(self) -> jax.Array:
+    """`[b, h, n, dk, dk]`: how each chunk maps its entering state to its end state."""
+    eye = jnp.eye(self.w.shape[-1])
+    return self.end_decay[..., None, None] * eye - jnp.einsum(
+      "bhncf,bhncg->bhnfg", self.k_end, self.w
+    )
+
+  def update(self) -> jax.Array:
+    """`[b, h, n, dk, dv]`: each chunk's end state from a zero entering state."""
+    return jnp.einsum("bhncf,bhncv->bhnfv", self.k_end, self.u)
 
 
 def delta_rule_attention(q, k, v, beta, *, log_decay, carry, initial_state, scale, chunk_size):
@@ -45,7 +58,7 @@ def delta_rule_attention(q, k, v, beta, *, log_decay, carry, initial_state, scal
   `carry [b, t]` bool (None: no document starts), `initial_state [b, h, dk, dv]` ->
   (`out [b, t, h, dv]`, `final_state [b, h, dk, dv]`), float32."""
   batch, seq, heads, _ = q.shape
-  terms = _chunk_terms(q, k, v, beta, log_decay, carry, chunk_size)
+  terms = chunk_terms(q, k, v, beta, log_decay, carry, chunk_size)
 
   def carry_state(state, xs):
     step_transition, step_update = xs
@@ -54,7 +67,7 @@ def delta_rule_attention(q, k, v, beta, *, log_decay, carry, initial_state, scal
   final_state, states_before = jax.lax.scan(
     carry_state,
     initial_state.astype(jnp.float32),
-    (jnp.moveaxis(terms.transition, 2, 0), jnp.moveaxis(terms.update, 2, 0)),
+    (jnp.moveaxis(terms.transition(), 2, 0), jnp.moveaxis(terms.update(), 2, 0)),
   )
   states_before = jnp.moveaxis(states_before, 0, 2)  # [b, h, n, dk, dv]
   out = jnp.einsum("bhnij,bhnjv->bhniv", terms.p, terms.u)
@@ -67,7 +80,8 @@ def sequence_summary(q, k, v, beta, *, log_decay, carry, chunk_size):
   """The whole sequence as one affine map of the state entering it: (`transition [b, h, dk,
   dk]`, `update [b, h, dk, dv]`) with `final = transition @ initial + update` (what LASP-2
   passes between devices for the delta rule). Arguments as `delta_rule_attention`."""
-  terms = _chunk_terms(q, k, v, beta, log_decay, carry, chunk_size)
+  terms = chunk_terms(q, k, v, beta, log_decay, carry, chunk_size)
+  transitions, updates = terms.transition(), terms.update()
 
   def compose(summary, xs):
     transition, update = summary
@@ -76,19 +90,21 @@ def sequence_summary(q, k, v, beta, *, log_decay, carry, chunk_size):
     update = jnp.einsum("bhfg,bhgv->bhfv", step_transition, update) + step_update
     return (transition, update), None
 
-  batch, heads, _, key_dim, value_dim = terms.update.shape
+  batch, heads, _, key_dim, value_dim = updates.shape
   start = (
     jnp.broadcast_to(jnp.eye(key_dim), (batch, heads, key_dim, key_dim)),
     jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32),
   )
-  xs = (jnp.moveaxis(terms.transition, 2, 0), jnp.moveaxis(terms.update, 2, 0))
+  xs = (jnp.moveaxis(transitions, 2, 0), jnp.moveaxis(updates, 2, 0))
   summary, _ = jax.lax.scan(compose, start, xs)
   return summary
 
 
-def _chunk_terms(q, k, v, beta, log_decay, carry, chunk_size) -> _ChunkTerms:
-  """Everything of the chunked form that does not depend on the entering state."""
-  batch, seq, heads, key_dim = q.shape
+def chunk_terms(q, k, v, beta, log_decay, carry, chunk_size) -> ChunkTerms:
+  """Everything of the chunked form that does not depend on the entering state (arguments as
+  `delta_rule_attention`; the sequence is zero-padded to whole chunks of `min(chunk_size,
+  seq)` tokens)."""
+  batch, seq, heads, _ = q.shape
   groups = heads // k.shape[2]
   chunk = min(chunk_size, seq)
   num_chunks = -(-seq // chunk)
@@ -126,12 +142,7 @@ def _chunk_terms(q, k, v, beta, log_decay, carry, chunk_size) -> _ChunkTerms:
   to_end = jnp.exp(g[..., -1:] - g)  # [b, h, n, C]
   if carry is not None:
     to_end = to_end * same[..., -1, :]
-  k_end = k_c * to_end[..., None]
-  transition = state_decay[..., -1, :, None] * jnp.eye(key_dim) - jnp.einsum(
-    "bhncf,bhncg->bhnfg", k_end, w_k
-  )
-  update = jnp.einsum("bhncf,bhncv->bhnfv", k_end, u)
-  return _ChunkTerms(p, u, query_state, transition, update)
+  return ChunkTerms(p, u, w_k, query_state, k_c * to_end[..., None], state_decay[..., -1, 0])
 
 
 def _document_masks(carry, batch: int, num_chunks: int, chunk: int, pad):
