@@ -2,17 +2,18 @@
 
     pip install -r requirements-compile.txt     # libtpu: compile-only TPU devices
     python benchmarks/tpu_compile.py            # the full matrix, every generation
-    python benchmarks/tpu_compile.py --generations v4,v5e --families linear --jobs 2
+    python benchmarks/tpu_compile.py --generations v4,v5e --families chunked_linear --jobs 2
+    python benchmarks/tpu_compile.py --families delta_rule --update   # rows of one family
 
 Each case calls a public op (`dot_product_attention`, `linear_attention`,
-`neighborhood_attention`) with `impl="pallas"`, forward or gradient, and compiles it for one
-chip of a generation (`attnjax.aot.GENERATIONS`). The table says, per case and generation,
-"ok" or the compiler's error, the largest VMEM any of its Mosaic kernels was given
-(`used_scoped_memory_configs`, read from the compiled program) and the SMEM of the largest
-scalar-prefetch tables one kernel call reads (their operand bytes; a table split over calls
-counts per call). It is written to
-`benchmarks/results/tpu_compile.{md,json}`. `tests/hardware/test_tpu_compile.py` compiles the
-`CI` subset of the same cases.
+`delta_rule_attention`, `neighborhood_attention`) with `impl="pallas"`, forward or gradient,
+and compiles it for one chip of a generation (`attnjax.aot.GENERATIONS`). The table says, per
+case and generation, "ok" or the compiler's error, the largest VMEM any of its Mosaic kernels
+was given (`used_scoped_memory_configs`, read from the compiled program) and the SMEM of the
+largest scalar-prefetch tables one kernel call reads (their operand bytes; a table split over
+calls counts per call). It is written to `benchmarks/results/tpu_compile.{md,json}`;
+`--update` replaces only the rows of the cases compiled. `tests/hardware/test_tpu_compile.py`
+compiles the `CI` subset of the same cases.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from attnjax import aot  # noqa: E402
 from attnjax.ops.softmax.blockwise import BlockSizes  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-FAMILIES = ("block_sparse", "chunked_linear", "neighborhood")
+FAMILIES = ("block_sparse", "chunked_linear", "delta_rule", "neighborhood")
 T = 8192  # sequence length of the 1-D cases
 HEADS, KV_HEADS = 8, 2  # GQA 4:1
 
@@ -154,6 +155,24 @@ def chunked_linear_cases():
       yield f"{decay}_hd{head_dim}", _linear(decay), (q, kv, kv), ("float32", "bfloat16")
 
 
+def _delta_rule(gated: bool):
+  def op(q, k, v):
+    b, t, h, _ = q.shape
+    beta = jnp.full((b, t, h), 0.5)
+    log_decay = jnp.full((b, t, h), -0.05) if gated else None
+    return aj.ops.delta_rule_attention(q, k, v, beta, log_decay=log_decay, impl="pallas")
+
+  return op
+
+
+def delta_rule_cases():
+  """(name, op, shapes, dtypes) of the delta-rule state-pass kernel (DeltaNet, Gated DeltaNet)."""
+  for head_dim in (128, 256):
+    q, kv = _qkv(head_dim=head_dim)
+    for name, gated in (("deltanet", False), ("gated", True)):
+      yield f"{name}_hd{head_dim}", _delta_rule(gated), (q, kv, kv), ("float32", "bfloat16")
+
+
 def _neighborhood(kernel_size, dilation=1, causal=False):
   return functools.partial(
     aj.ops.neighborhood_attention,
@@ -181,6 +200,7 @@ def neighborhood_cases():
 CASE_SOURCES = {
   "block_sparse": block_sparse_cases,
   "chunked_linear": chunked_linear_cases,
+  "delta_rule": delta_rule_cases,
   "neighborhood": neighborhood_cases,
 }
 
@@ -315,6 +335,9 @@ def main(argv=None):
   parser.add_argument("--ci", action="store_true", help="only the subset CI compiles")
   parser.add_argument("--jobs", type=int, default=2, help="compiler processes")
   parser.add_argument("--out", default=str(RESULTS / "tpu_compile"))
+  parser.add_argument(
+    "--update", action="store_true", help="keep the other cases' results already in --out"
+  )
   args = parser.parse_args(argv)
   generations = args.generations.split(",")
   selected = ci_cases() if args.ci else cases(tuple(args.families.split(",")))
@@ -330,6 +353,13 @@ def main(argv=None):
       results.append(result)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
+  if args.update and out.with_suffix(".json").exists():
+    fresh = {(r.label, r.generation) for r in results}
+    kept = [Result(**r) for r in json.loads(out.with_suffix(".json").read_text())["results"]]
+    results = [r for r in kept if (r.label, r.generation) not in fresh] + results
+    order = {c.label: i for i, c in enumerate(cases())}
+    results.sort(key=lambda r: order.get(r.label, len(order)))
+    generations = list(dict.fromkeys([*generations, *(r.generation for r in kept)]))
   out.with_suffix(".md").write_text(markdown(results, generations))
   meta = {"jax": jax.__version__, "libtpu": _libtpu_version(), "numpy": np.__version__}
   out.with_suffix(".json").write_text(

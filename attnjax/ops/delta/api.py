@@ -30,10 +30,15 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import registry
-from attnjax.ops.delta import chunk, reference
+from attnjax.ops.delta import chunk, pallas, reference
 from attnjax.ops.qkv import check_qkv, resolve_scale
 
-IMPLS = {"reference": reference.delta_rule_attention, "xla": chunk.delta_rule_attention}
+IMPLS = {
+  "reference": reference.delta_rule_attention,
+  "xla": chunk.delta_rule_attention,
+  "pallas": functools.partial(pallas.delta_rule_attention, interpret=False),
+  "pallas_interpret": functools.partial(pallas.delta_rule_attention, interpret=True),
+}
 
 
 def delta_rule_attention(
@@ -63,7 +68,10 @@ def delta_rule_attention(
     return_final_state: also return the state after the last token.
     segment_ids: int `[batch, seq]`; the recurrence restarts where the id changes.
     chunk_size: tokens per chunk of the chunked implementation.
-    impl: "reference" (token by token, the oracle) | "xla" (chunked) | "auto".
+    impl: "reference" (token by token, the oracle) | "xla" (chunked) | "pallas" (chunk terms
+      in XLA, the walk over chunks in the TPU or GPU kernel of the platform compiled for) |
+      "pallas_interpret" (the TPU kernel in the Pallas interpreter) | "auto" (the kernel on TPU
+      and GPU, else xla).
 
   Returns:
     `out [batch, seq, heads, value_dim]` in q's dtype, and the float32 final state if
