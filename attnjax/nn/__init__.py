@@ -6,12 +6,14 @@ from attnjax.nn.lm import Block, DecoderLM, parse_layer_pattern
 from attnjax.nn.mlp import SwiGLU
 from attnjax.nn.norm import RMSNorm
 from attnjax.nn.rope import apply_rope
+from attnjax.nn.streaming import StreamingLLM
 
 __all__ = [
   "Attention",
   "Block",
   "DecoderLM",
   "RMSNorm",
+  "StreamingLLM",
   "SwiGLU",
   "apply_rope",
   "generate",

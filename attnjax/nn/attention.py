@@ -14,6 +14,7 @@ from flax import nnx
 
 from attnjax import registry
 from attnjax.nn import cache as cache_lib
+from attnjax.nn import streaming
 from attnjax.nn.norm import RMSNorm
 from attnjax.nn.params import fan_in_init, param
 from attnjax.nn.rope import apply_rope
@@ -160,14 +161,19 @@ class Attention(nnx.Module):
       return variant.preset(dict(self.variant_options), self.q.shape[1])
     return {**variant.defaults, **dict(self.variant_options)}
 
-  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+  def init_cache(self, batch: int, max_len: int, dtype, policy=None) -> dict:
     """Zero keys and values `[batch, rows, kv_heads, head_dim]` in `dtype`.
 
     `rows` is `max_len`, or the mask's lookback when smaller (a sliding window's or chunk's
     past keys): then the cache is a ring buffer, row `p % rows` holding position `p`.
+    `policy`: a cache policy (`streaming.StreamingLLM`: sinks and a recent window) instead.
     """
     self._check_decodes()
     _, kv_heads, head_dim = self.k.shape
+    if policy is not None:
+      if not isinstance(policy, streaming.StreamingLLM):
+        raise ValueError(f"policy must be a StreamingLLM or None, got policy={policy!r}")
+      return streaming.init_cache(policy, batch, kv_heads, head_dim, dtype)
     lookback = self._keywords()["mask"].lookback
     rows = max_len if lookback is None or lookback >= max_len else lookback
     shape = (batch, rows, kv_heads, head_dim)
@@ -185,9 +191,12 @@ class Attention(nnx.Module):
 
     `extra`: keywords of `cached_attention` beyond the variant's (`sinks`, `return_lse`).
     """
+    keywords = {**self._keywords(), **extra}
+    if streaming.is_streaming(cache):
+      rope_base = self.rope_base if self.use_rope else None
+      return streaming.attend(q, k, v, cache, position, keywords=keywords, rope_base=rope_base)
     n = q.shape[1]
     rows = position + jnp.arange(n, dtype=jnp.int32)
-    keywords = {**self._keywords(), **extra}
     mask = keywords["mask"]
     if mask.lookback is None or cache["k"].shape[1] > mask.lookback:
       cache = {

@@ -46,7 +46,7 @@ def logical_specs(cache) -> Any:
 
   def spec(path, x):
     keys = {getattr(entry, "key", None) for entry in path}
-    if "k" in keys or "v" in keys:
+    if keys & {"k", "v", "sink_k", "sink_v"}:
       return PartitionSpec("batch", None, "kv_heads", "head_dim")
     if "conv" in keys:
       return PartitionSpec("batch", None, None)

@@ -60,6 +60,7 @@ def generate(
   top_p: float | None = None,
   rng: jax.Array | None = None,
   cache_dtype=None,
+  cache_policy=None,
 ) -> jax.Array:
   """`prompt` int `[batch, p]` followed by `max_new_tokens` generated tokens.
 
@@ -70,6 +71,7 @@ def generate(
     temperature, top_k, top_p: see `sample_logits`; temperature 0 is greedy.
     rng: a PRNG key, needed when temperature > 0.
     cache_dtype: dtype of softmax layers' keys and values (None: the model's).
+    cache_policy: what softmax layers keep (`attnjax.nn.StreamingLLM`; None: every position).
 
   Returns:
     int32 `[batch, p + max_new_tokens]`.
@@ -90,7 +92,7 @@ def generate(
   if max_new_tokens == 0:
     return prompt.astype(jnp.int32)
   batch, length = prompt.shape
-  cache = model.init_cache(batch, length + max_new_tokens, cache_dtype)
+  cache = model.init_cache(batch, length + max_new_tokens, cache_dtype, cache_policy)
   graphdef, params = nnx.split(model)
   keys = jax.random.split(jax.random.key(0) if rng is None else rng, max_new_tokens)
 

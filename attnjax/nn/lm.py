@@ -17,6 +17,7 @@ from flax import nnx
 
 from attnjax import registry
 from attnjax.nn import cache as cache_lib
+from attnjax.nn.attention import Attention
 from attnjax.nn.mlp import SwiGLU
 from attnjax.nn.norm import RMSNorm
 from attnjax.nn.params import param
@@ -156,13 +157,15 @@ class DecoderLM(nnx.Module):
       )
     )
 
-  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
+  def init_cache(self, batch_size: int, max_len: int, dtype=None, policy=None) -> dict:
     """An empty decoding cache for `batch_size` sequences of up to `max_len` tokens.
 
     A pytree (`{"layers": one cache per layer, "position": int32 0, "max_len"}`) for
     `decode`; softmax layers preallocate keys and values `[batch_size, max_len, kv_heads,
     head_dim]` in `dtype` (None: the model's activation dtype; windows keep a ring of their
-    lookback), recurrent layers their state (None until the first `decode`).
+    lookback), recurrent layers their state (None until the first `decode`). `policy`: what
+    softmax layers keep instead of every position (`attnjax.nn.StreamingLLM`: attention sinks
+    and a recent window, for streams longer than the training length).
 
     Raises:
       ValueError: for a layer whose variant cannot decode (naming it), or bad sizes.
@@ -175,7 +178,10 @@ class DecoderLM(nnx.Module):
     for name, block in zip(self.layer_names, self.blocks, strict=True):
       if not hasattr(block.mixer, "init_cache"):
         raise cache_lib.no_cache(name)
-      layers.append(block.mixer.init_cache(batch_size, max_len, dtype))
+      if policy is not None and isinstance(block.mixer, Attention):
+        layers.append(block.mixer.init_cache(batch_size, max_len, dtype, policy))
+      else:
+        layers.append(block.mixer.init_cache(batch_size, max_len, dtype))
     return {
       "layers": tuple(layers),
       "position": jnp.zeros((), jnp.int32),
