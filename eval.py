@@ -55,7 +55,8 @@ def plot(results: dict, path: str) -> None:
   fig, axes = plt.subplots(1, max(len(curves), 1), figsize=(5 * max(len(curves), 1), 3.5))
   for ax, (name, curve) in zip(fig.axes, curves.items(), strict=False):
     if "position" in curve:
-      ax.plot(curve["position"], curve["loss"], marker=".")
+      for key in (k for k in curve if k == "loss" or k.startswith("loss_")):
+        ax.plot(curve["position"], curve[key], marker=".", label=key.removeprefix("loss_"))
       ax.axvline(curve["train_seq_len"], color="gray", linestyle="--", label="training length")
       ax.set(xlabel="position", ylabel="loss (nats)", title=name)
       ax.legend()

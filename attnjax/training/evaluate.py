@@ -4,7 +4,9 @@ Each takes the run's `Experiment` and the restored parameters and returns a dict
 lists (curves): `loss` (loss, perplexity, accuracy on the eval split), `mqar_accuracy`,
 `passkey` (accuracy at `eval.passkey_lengths`), `passkey_generation` (the same passkeys
 retrieved by greedy generation from the decoding cache), `length_extrapolation` (loss by position on
-sequences `eval.extrapolation_factor` times the training length).
+sequences `eval.extrapolation_factor` times the training length), `cache_policies` (the same
+streams decoded from the cache with every position, a recent window, or StreamingLLM's sinks
+plus a window).
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from attnjax import data
-from attnjax.nn import generate
+from attnjax.nn import StreamingLLM, generate
 from attnjax.training import build
 from attnjax.training.step import evaluate_loss, make_eval_step
 
 NUM_POSITION_BUCKETS = 32
+# StreamingLLM's default: four attention sinks (Xiao et al. 2024, Sec. 3.2).
+SINK_TOKENS = 4
+DECODE_CHUNK = 64  # tokens per decode call of `cache_policies`
 
 
 def _accuracy_on(exp: build.Experiment, params, source) -> dict[str, float]:
@@ -102,13 +108,75 @@ def eval_length_extrapolation(exp: build.Experiment, params) -> dict[str, list]:
     batch = exp.batch(source, i, split="eval", batch_size=config.eval.batch_size)
     sums = jax.device_get(position_sums(params, batch))
     loss_sum, weight_sum = loss_sum + sums[0], weight_sum + sums[1]
-  edges = np.linspace(0, seq_len, NUM_POSITION_BUCKETS + 1).astype(int)
+  positions, losses = _buckets(loss_sum, weight_sum)
+  return {"train_seq_len": train_len, "position": positions, "loss": losses}
+
+
+def _buckets(loss_sum: np.ndarray, weight_sum: np.ndarray) -> tuple[list, list]:
+  """(bucket centers, mean loss per bucket) over `NUM_POSITION_BUCKETS` position buckets."""
+  edges = np.linspace(0, len(loss_sum), NUM_POSITION_BUCKETS + 1).astype(int)
   positions, losses = [], []
   for lo, hi in zip(edges[:-1], edges[1:], strict=True):
     if weight_sum[lo:hi].sum() > 0:
       positions.append(int((lo + hi) // 2))
       losses.append(float(loss_sum[lo:hi].sum() / weight_sum[lo:hi].sum()))
-  return {"train_seq_len": train_len, "position": positions, "loss": losses}
+  return positions, losses
+
+
+def cache_policies(train_len: int) -> dict:
+  """The caches `eval_cache_policies` compares, each `train_len` rows or unbounded."""
+  return {
+    "full": None,
+    "window": StreamingLLM(sink_tokens=0, window=train_len),
+    "streaming": StreamingLLM(sink_tokens=SINK_TOKENS, window=train_len - SINK_TOKENS),
+  }
+
+
+def eval_cache_policies(exp: build.Experiment, params) -> dict[str, list]:
+  """Loss by position on streams `eval.extrapolation_factor` x the training length, decoded
+  from the cache in chunks of `DECODE_CHUNK` tokens under each of `cache_policies`: every
+  position (`full`), the last `train_len` (`window`), and StreamingLLM's 4 sinks plus the last
+  `train_len - 4` (`streaming`, Xiao et al. 2024). A stream is one text: decoding does not
+  restart at document boundaries. `loss_<policy>` curves; `beyond_<policy>`, the mean loss
+  past the training length; `cache_rows`, what a softmax layer holds at the stream's end.
+  """
+  config = exp.config
+  train_len = exp.data().seq_len
+  seq_len = train_len * config.eval.extrapolation_factor
+  source = exp.data("eval", seq_len=seq_len)
+  model = exp.model(params)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def decode(state, cache, tokens):
+    return nnx.merge(graphdef, state).decode(tokens, cache)
+
+  batches = [
+    exp.batch(source, i, split="eval", batch_size=config.eval.batch_size)
+    for i in range(config.eval.num_batches)
+  ]
+  results = {"train_seq_len": train_len}
+  for name, policy in cache_policies(train_len).items():
+    loss_sum, weight_sum = np.zeros(seq_len), np.zeros(seq_len)
+    for batch in batches:
+      inputs = jnp.asarray(batch["inputs"])
+      cache = model.init_cache(inputs.shape[0], seq_len, policy=policy)
+      logits = []
+      for start in range(0, seq_len, DECODE_CHUNK):
+        out, cache = decode(state, cache, inputs[:, start : start + DECODE_CHUNK])
+        logits.append(out)
+      token_loss = optax.softmax_cross_entropy_with_integer_labels(
+        jnp.concatenate(logits, axis=1), batch["targets"]
+      )
+      weights = np.asarray(batch["weights"])
+      loss_sum += np.asarray(token_loss * weights).sum(0)
+      weight_sum += weights.sum(0)
+    positions, results[f"loss_{name}"] = _buckets(loss_sum, weight_sum)
+    beyond = slice(train_len, None)
+    results[f"beyond_{name}"] = float(loss_sum[beyond].sum() / weight_sum[beyond].sum())
+    results[f"cache_rows_{name}"] = seq_len if policy is None else train_len
+  results["position"] = positions
+  return results
 
 
 EVALUATORS = {
@@ -117,4 +185,5 @@ EVALUATORS = {
   "passkey": eval_passkey,
   "passkey_generation": eval_passkey_generation,
   "length_extrapolation": eval_length_extrapolation,
+  "cache_policies": eval_cache_policies,
 }

@@ -96,3 +96,21 @@ def test_eval_restores_the_saved_config_of_a_run(mqar_run, tmp_path):
   assert 0 <= results["mqar_accuracy"]["accuracy"] <= 1
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     eval_main.run(tiny_config(), str(tmp_path / "empty"))
+
+
+def test_cache_policies_agree_until_the_first_eviction(text_run):
+  """Every policy holds all of the first `train_len` positions, so their loss curves agree
+  there; past it they differ, finite, with `train_len` rows for the bounded caches."""
+  config, workdir = text_run
+  restored = checkpoint.restore(workdir, config)
+  result = evaluate.eval_cache_policies(restored.experiment, restored.params)
+  train_len = result["train_seq_len"]
+  early = [i for i, p in enumerate(result["position"]) if p < train_len - 4]
+  assert len(early) >= 4
+  for name in ("window", "streaming"):
+    full, other = (np.asarray(result[f"loss_{n}"]) for n in ("full", name))
+    np.testing.assert_allclose(other[early], full[early], rtol=1e-4)
+    assert np.isfinite(result[f"beyond_{name}"])
+    assert result[f"cache_rows_{name}"] == train_len
+  assert result["cache_rows_full"] == 4 * train_len
+  assert not np.allclose(result["loss_window"], result["loss_full"])
