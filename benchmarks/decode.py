@@ -10,8 +10,10 @@ contents do not change the work of a step, so it is filled with random keys, val
 states rather than prefilled. Cache bytes are those of the arrays `init_cache` allocates for
 `context + 1` tokens (recurrent states: their size after the first token). Softmax caches
 grow with the context and its step reads them all; sliding-window caches keep a ring of the
-window; linear-family and delta-rule caches are a constant state. Results:
-`benchmarks/results/decode.json` and `decode.png`.
+window; linear-family and delta-rule caches are a constant state; `streaming` is the softmax
+model under the StreamingLLM policy (4 sinks + 508 recent tokens: 512 rows per layer). Results:
+`benchmarks/results/decode.json` and `decode.png`; a run of some `--variants` keeps the other
+variants' records.
 """
 
 from __future__ import annotations
@@ -38,12 +40,16 @@ VARIANTS = {
   "gla": {},
   "based": {},
   "gated_deltanet": {},
+  "streaming": {},
 }
+# Arms that are a cache policy on another variant's model: name -> (variant, policy).
+POLICIES = {"streaming": ("softmax", nn.StreamingLLM(sink_tokens=4, window=508))}
 EMBED, HEADS, DEPTH = 256, 4, 2
 
 
 def model(name: str) -> nn.DecoderLM:
   options = VARIANTS[name]
+  name = POLICIES.get(name, (name, None))[0]
   return nn.DecoderLM(
     vocab_size=256, embed_dim=EMBED, depth=DEPTH, num_heads=HEADS, mlp_dim=0,
     layer_pattern=name, mixer_options={name: options} if options else None,
@@ -51,9 +57,9 @@ def model(name: str) -> nn.DecoderLM:
   )  # fmt: skip
 
 
-def filled_cache(lm: nn.DecoderLM, context: int) -> dict:
+def filled_cache(lm: nn.DecoderLM, context: int, policy=None) -> dict:
   """A cache of `context` tokens with random contents (recurrent states from one token)."""
-  cache = lm.init_cache(1, context + 1)
+  cache = lm.init_cache(1, context + 1, policy=policy)
   _, cache = lm.decode(jnp.zeros((1, 1), jnp.int32), cache)  # gives recurrent states shapes
   keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(cache["layers"]))))
 
@@ -68,7 +74,7 @@ def measure(name: str, context: int, repeats: int) -> dict:
   lm = model(name)
   graphdef, params = nnx.split(lm)
   step = jax.jit(lambda params, cache, token: nnx.merge(graphdef, params).decode(token, cache))
-  cache = filled_cache(lm, context)
+  cache = filled_cache(lm, context, POLICIES.get(name, (None, None))[1])
   token = jnp.zeros((1, 1), jnp.int32)
   jax.block_until_ready(step(params, cache, token))
   times = []
@@ -115,19 +121,23 @@ def main() -> None:
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
+  names = args.variants.split(",")
+  out = RESULTS / "decode.json"
   records = []
-  for name in args.variants.split(","):
+  if out.exists():
+    records = [r for r in json.loads(out.read_text())["records"] if r["variant"] not in names]
+  for name in names:
     for context in args.contexts:
       records.append(measure(name, context, args.repeats))
       print(json.dumps(records[-1]), flush=True)
   meta = {"device": str(jax.devices()[0]), "cpus": os.cpu_count(), "embed": EMBED,
-          "heads": HEADS, "depth": DEPTH, "repeats": args.repeats, "options": VARIANTS}  # fmt: skip
+          "heads": HEADS, "depth": DEPTH, "repeats": args.repeats, "options": VARIANTS,
+          "policies": {k: repr(p) for k, (_, p) in POLICIES.items()}}  # fmt: skip
   RESULTS.mkdir(exist_ok=True)
-  (RESULTS / "decode.json").write_text(
-    json.dumps({"meta": meta, "records": records}, indent=1) + "\n"
-  )
+  records.sort(key=lambda r: (list(VARIANTS).index(r["variant"]), r["context"]))
+  out.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
   plot(records, RESULTS / "decode.png")
-  for name in args.variants.split(","):
+  for name in VARIANTS:
     rows = [r for r in records if r["variant"] == name]
     print(
       f"{name:15s} "
