@@ -176,17 +176,7 @@ class MoHAttention(Attention):
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     x, q, k, v = self.project_qkv(x)
-    routed = jnp.einsum("btd,dh->bth", x, self.router_routed[...].astype(self.dtype))
-    if self.router_shared is None:
-      # No shared heads: all weight goes to the routed stage.
-      shared = jnp.zeros((*x.shape[:2], 0), x.dtype)
-      balance = jnp.broadcast_to(jnp.array([-jnp.inf, 0.0], x.dtype), (*x.shape[:2], 2))
-    else:
-      shared, balance = (
-        jnp.einsum("btd,dh->bth", x, w[...].astype(self.dtype))
-        for w in (self.router_shared, self.router_balance)
-      )
-    head_weights, balance_loss = moh_route(shared, routed, balance, top_k=self.top_k)
+    head_weights, balance_loss = self._route(x)
     with warnings.catch_warnings():
       # Sowing outside `nnx.capture` (a plain forward pass) is deprecated in flax; the value is
       # then kept on the module (the latest call's) instead of being collected.
@@ -199,6 +189,29 @@ class MoHAttention(Attention):
       )
     out = self.attend(q, k, v, head_weights.astype(q.dtype), segment_ids=segment_ids)
     return self.project_out(out)
+
+  def _route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(head weights `[batch, seq, heads]`, load-balance loss) of the tokens `x`."""
+    routed = jnp.einsum("btd,dh->bth", x, self.router_routed[...].astype(self.dtype))
+    if self.router_shared is None:
+      # No shared heads: all weight goes to the routed stage.
+      shared = jnp.zeros((*x.shape[:2], 0), x.dtype)
+      balance = jnp.broadcast_to(jnp.array([-jnp.inf, 0.0], x.dtype), (*x.shape[:2], 2))
+    else:
+      shared, balance = (
+        jnp.einsum("btd,dh->bth", x, w[...].astype(self.dtype))
+        for w in (self.router_shared, self.router_balance)
+      )
+    return moh_route(shared, routed, balance, top_k=self.top_k)
+
+  def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
+    """As `Attention.decode`, each head's output weighted by the token's routing (the cache
+    keeps every head's keys and values: a later token may route to any head)."""
+    self._check_decodes()
+    x, q, k, v = self.project_qkv(x, positions=position + jnp.arange(x.shape[1]))
+    out, cache = self.cached_attend(q, k, v, cache, position)
+    head_weights, _ = self._route(x)
+    return self.project_out((head_weights[..., None] * out).astype(out.dtype)), cache
 
 
 class AarenAttention(nnx.Module):
@@ -432,20 +445,37 @@ class SelectiveAttention(Attention):
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     x, q, k, v = self.project_qkv(x)
+    q_temp, v_temp = self._temperatures(x, v, jnp.arange(x.shape[1]))
+    return self.project_out(
+      self.attend(q, k, v, q_temp[..., None], v_temp, segment_ids=segment_ids)
+    )
+
+  def _temperatures(self, x, v, positions) -> tuple[jax.Array, jax.Array | None]:
+    """(`tau_q [batch, seq, heads]`, `tau_v [batch, seq, kv_heads, 1]` or None) of the tokens
+    `x` at int `positions [seq]` with values `v`."""
     # u . (x W_q) on the projection before rotary: the token term must not depend on position.
     token = jnp.einsum(
       "btd,dhk,hk->bth", x, self.q[...].astype(self.dtype), self.temp_q[...].astype(self.dtype)
     )
-    log_pos = jnp.log1p(jnp.arange(x.shape[1], dtype=self.dtype))
+    log_pos = jnp.log1p(positions.astype(self.dtype))
     alpha = jax.nn.sigmoid(self.temp_pos[...].astype(self.dtype))
     q_temp = 1 + alpha[None, None, :] * log_pos[None, :, None] + jnp.tanh(token)
-    v_temp = None
-    if self.temp_v is not None:
-      v_temp = 1 + jnp.tanh(jnp.einsum("bthk,hk->bth", v, self.temp_v[...].astype(self.dtype)))
-      v_temp = v_temp[..., None]
-    return self.project_out(
-      self.attend(q, k, v, q_temp[..., None], v_temp, segment_ids=segment_ids)
-    )
+    if self.temp_v is None:
+      return q_temp, None
+    v_temp = 1 + jnp.tanh(jnp.einsum("bthk,hk->bth", v, self.temp_v[...].astype(self.dtype)))
+    return q_temp, v_temp[..., None]
+
+  def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
+    """As `Attention.decode` on tempered queries; the cache keeps the tempered values."""
+    self._check_decodes()
+    positions = position + jnp.arange(x.shape[1])
+    x, q, k, v = self.project_qkv(x, positions=positions)
+    q_temp, v_temp = self._temperatures(x, v, positions)
+    q = (q * q_temp[..., None]).astype(q.dtype)
+    if v_temp is not None:
+      v = (v * v_temp).astype(v.dtype)
+    out, cache = self.cached_attend(q, k, v, cache, position)
+    return self.project_out(out), cache
 
 
 class GaussianAttention(nnx.Module):
