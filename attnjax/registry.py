@@ -131,6 +131,10 @@ class Variant:
     example: `(key, *, batch, seq, heads, kv_heads, head_dim) -> (args, kwargs)`, random
       arguments of a valid call (tests and benchmarks call every variant through it; None:
       q, k, v of those sizes, `kv_heads` only if `capabilities.gqa`).
+    cached: the op over a decoding cache, `(q, k_cache, v_cache, *, q_start, kv_positions,
+      **the variant's keywords) -> out` like `attnjax.ops.softmax.cached.cached_attention`,
+      for a softmax-family variant that is not a mask of `dot_product_attention` but decodes
+      with the base `Attention` mixer (None: mask variants use `cached_attention`).
   """
 
   name: str
@@ -144,6 +148,7 @@ class Variant:
   module: str | None = None
   description: str = ""
   example: Callable[..., tuple[tuple, dict]] | None = None
+  cached: Callable[..., Any] | None = None
 
   def __call__(self, *args, **kwargs):
     op = self.op
@@ -236,6 +241,7 @@ def register(
   preset: Callable[[dict, int], dict] | None = None,
   module: str | None = None,
   example: Callable[..., tuple[tuple, dict]] | None = None,
+  cached: Callable[..., Any] | None = None,
 ) -> Variant:
   """Declares variant `name` (see `Variant`); a name can be registered once.
 
@@ -268,6 +274,7 @@ def register(
     module=module,
     description=description,
     example=example,
+    cached=cached,
   )
   _REGISTRY[name] = variant
   return variant

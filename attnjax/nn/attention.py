@@ -149,7 +149,8 @@ class Attention(nnx.Module):
     own_decode = type(self).decode is not Attention.decode
     if type(self).__call__ is not Attention.__call__ and not own_decode:
       raise cache_lib.no_cache(self.variant)
-    if registry.get(self.variant).capabilities.split != "mask" and not own_decode:
+    variant = registry.get(self.variant)
+    if variant.capabilities.split != "mask" and variant.cached is None and not own_decode:
       raise cache_lib.no_cache(self.variant, "its op is not a mask of dot_product_attention")
     if self.seq_parallel is not None and self.seq_parallel.splits_sequence:
       raise cache_lib.no_cache(self.variant, "decoding does not split the sequence (seq_parallel)")
@@ -170,11 +171,14 @@ class Attention(nnx.Module):
     """
     self._check_decodes()
     _, kv_heads, head_dim = self.k.shape
+    mask = self._keywords().get("mask")
     if policy is not None:
       if not isinstance(policy, streaming.StreamingLLM):
         raise ValueError(f"policy must be a StreamingLLM or None, got policy={policy!r}")
+      if mask is None:
+        raise ValueError(f"variant {self.variant!r} has no mask a cache policy can restrict")
       return streaming.init_cache(policy, batch, kv_heads, head_dim, dtype)
-    lookback = self._keywords()["mask"].lookback
+    lookback = None if mask is None else mask.lookback
     rows = max_len if lookback is None or lookback >= max_len else lookback
     shape = (batch, rows, kv_heads, head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # two buffers to donate
@@ -197,22 +201,22 @@ class Attention(nnx.Module):
       return streaming.attend(q, k, v, cache, position, keywords=keywords, rope_base=rope_base)
     n = q.shape[1]
     rows = position + jnp.arange(n, dtype=jnp.int32)
-    mask = keywords["mask"]
-    if mask.lookback is None or cache["k"].shape[1] > mask.lookback:
+    mask = keywords.get("mask")
+    attention = registry.get(self.variant).cached or cached.cached_attention
+    if mask is None or mask.lookback is None or cache["k"].shape[1] > mask.lookback:
       cache = {
         name: jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype),
                                                   position, axis=1)
         for name, new in (("k", k), ("v", v))
       }  # fmt: skip
-      out = cached.cached_attention(q, cache["k"], cache["v"], q_start=position, **keywords)
-      return out, cache
+      return attention(q, cache["k"], cache["v"], q_start=position, **keywords), cache
     # Ring buffer: attend to its rows and the new chunk, then keep the latest `size` keys.
     size = cache["k"].shape[1]
     slots = jnp.arange(size, dtype=jnp.int32)
     held = position - 1 - jnp.mod(position - 1 - slots, size)  # latest position < start
     keys, values = (jnp.concatenate([cache[name], new.astype(cache[name].dtype)], axis=1)
                     for name, new in (("k", k), ("v", v)))  # fmt: skip
-    out = cached.cached_attention(
+    out = attention(
       q, keys, values, q_start=position, kv_positions=jnp.concatenate([held, rows]), **keywords
     )
     kept = slice(max(n - size, 0), n)

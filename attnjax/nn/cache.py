@@ -30,8 +30,8 @@ def no_cache(variant: str, why: str = "its mixer has no decoding cache yet") -> 
   """The error of a layer that cannot decode, naming the variant."""
   return ValueError(
     f"variant {variant!r} cannot decode: {why}. Decoding covers the mask variants of "
-    "softmax attention (softmax, sliding_window, chunked, prefix_lm), gated, sinks, selective "
-    "and moh, the linear-family mixers and the delta rule (deltanet, gated_deltanet)"
+    "softmax attention (softmax, sliding_window, chunked, prefix_lm), gated, sinks, selective, "
+    "moh and softplus, the linear-family mixers and the delta rule (deltanet, gated_deltanet)"
   )
 
 

@@ -31,6 +31,7 @@ DECODING = {
   "sinks": {"num_sink_tokens": 2},
   "selective": {},
   "moh": {"top_k": 1},
+  "softplus": {"train_len": 6, "reweight_power": 2.0},
   "linear": {},
   "based": {},
   "gla": {},
@@ -134,7 +135,7 @@ def test_sampling_respects_top_k_top_p_and_temperature():
   )
 
 
-@pytest.mark.parametrize("name", ["cca", "softplus", "neighborhood"])
+@pytest.mark.parametrize("name", ["cca", "neighborhood"])
 def test_variants_without_a_cache_raise_naming_themselves(name):
   with pytest.raises(ValueError, match=f"variant {name!r} cannot decode"):
     model(name).init_cache(2, 16)

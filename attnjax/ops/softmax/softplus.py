@@ -182,6 +182,32 @@ def _blocked(q, k, v, *, shape, causal, segment_ids, scale, train_len, power, q_
   return _finish(numer, denom, q, shape)
 
 
+def cached_attention(
+  q, k_cache, v_cache, *, q_start, kv_positions=None, causal=True, scale=None, train_len=None,
+  reweight_power=None, block_kv=None,
+):  # fmt: skip
+  """Causal softplus attention of `q` at positions `q_start + [0, n)` over a decoding cache
+  (`attnjax.ops.softmax.cached.cached_attention`'s contract: rows at positions beyond the
+  chunk or negative are ignored). Each row's length scale counts its `q_pos + 1` keys, as the
+  full forward does. `block_kv` is the full forward's and unused here.
+
+  Raises:
+    ValueError: `causal=False` (a bidirectional layer cannot decode).
+  """
+  del block_kv
+  if not causal:
+    raise ValueError("softplus attention decodes only with causal=True")
+  shape = check_qkv(q, k_cache, v_cache)
+  kv_pos = jnp.arange(shape.kv_len) if kv_positions is None else jnp.asarray(kv_positions)
+  q_pos = jnp.asarray(q_start, jnp.int32) + jnp.arange(shape.q_len, dtype=jnp.int32)
+  allowed = ((kv_pos[None, :] >= 0) & (kv_pos[None, :] <= q_pos[:, None]))[None]
+  power = 1.0 if reweight_power is None else float(reweight_power)
+  lam = _length_scale(allowed.sum(-1), train_len)
+  w = _weights(q, k_cache, allowed, lam, shape, resolve_scale(scale, shape.head_dim), power)
+  numer = jnp.einsum("bhgqk,bkhd->bhgqd", w, v_cache.astype(jnp.float32))
+  return _finish(numer, w.sum(-1), q, shape)
+
+
 IMPLS = {"reference": _reference, "xla": _blocked}
 
 registry.register(
@@ -200,4 +226,5 @@ registry.register(
     registry.random_qkv(key, **sizes),
     {"train_len": 8, "reweight_power": 3.0, "block_kv": 8},
   ),
+  cached=cached_attention,
 )
