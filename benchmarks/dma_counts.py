@@ -1,6 +1,7 @@
 """HBM <-> VMEM traffic and grid steps of Pallas TPU kernels, counted in the TPU interpreter.
 
     python benchmarks/dma_counts.py block_sparse          # table for the fixed problem below
+    python benchmarks/dma_counts.py delta_rule            # the delta rule's walk over chunks
 
 `count(fn, *args)` runs `fn` (whose kernels are called with
 `interpret=pltpu.InterpretParams(...)`) and counts, per `pallas_call`, what the interpreter
@@ -229,7 +230,49 @@ def block_sparse_problems() -> dict:
   return problems
 
 
-PROBLEMS = {"block_sparse": block_sparse_problems}
+def delta_rule_problems() -> dict:
+  """Name -> zero-argument function running the delta rule's TPU kernels, interpreted.
+
+  Gated DeltaNet, T=2048, batch 1, 8 query heads over 2 kv heads, head_dim 128, bf16, chunks of
+  64 tokens (32 chunks x 8 heads = 256 grid steps per call); forward and gradient, through the
+  op's adapter (the chunk terms in XLA, the walk in the kernels).
+  """
+  import jax.numpy as jnp
+  from jax.experimental.pallas import tpu as pltpu
+
+  from attnjax.ops.delta import pallas
+
+  seq, heads, kv_heads, head_dim = 2048, 8, 2, 128
+  keys = jax.random.split(jax.random.PRNGKey(0), 5)
+  q = jax.random.normal(keys[0], (1, seq, heads, head_dim), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (1, seq, kv_heads, head_dim), jnp.float32)
+  k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+  v = jax.random.normal(keys[2], (1, seq, kv_heads, head_dim), jnp.bfloat16)
+  beta = jax.nn.sigmoid(jax.random.normal(keys[3], (1, seq, heads)))
+  log_decay = jax.nn.log_sigmoid(2.0 + jax.random.normal(keys[4], (1, seq, heads)))
+  state = jnp.zeros((1, heads, head_dim, head_dim), jnp.float32)
+
+  def forward(q, k, v, beta, log_decay):
+    return pallas.delta_rule_attention(
+      q, k, v, beta, log_decay=log_decay, carry=None, initial_state=state, scale=0.1,
+      chunk_size=64, interpret=pltpu.InterpretParams(), kernel="tpu",
+    )  # fmt: skip
+
+  def gradient(*operands):
+    def loss(*x):
+      out, final = forward(*x)
+      return out.astype(jnp.float32).sum() + final.sum()
+
+    return jax.grad(loss, argnums=tuple(range(5)))(*operands)
+
+  operands = (q, k, v, beta, log_decay)
+  return {
+    "gated/fwd": functools.partial(jax.jit(forward), *operands),
+    "gated/grad": functools.partial(jax.jit(gradient), *operands),
+  }
+
+
+PROBLEMS = {"block_sparse": block_sparse_problems, "delta_rule": delta_rule_problems}
 
 
 def table(counts: dict[str, Counts]) -> str:

@@ -274,3 +274,23 @@ def test_reference_and_kernel_agree_in_the_op_with_chunk_one():
     *args[:3], jnp.asarray(args[3]), carry=None, scale=12**-0.5, chunk_size=1, **kwargs
   )[0]
   assert_close(got, want, TOL_BLOCKED_F32, "chunk 1")
+
+
+def test_tpu_forward_moves_each_operand_once():
+  """Counted in the TPU interpreter: the walk reads every chunk tile and writes every output
+  tile exactly once (the operands' bytes), the state never leaving VMEM between chunks."""
+  from benchmarks import dma_counts
+
+  operands = _terms(seq=64, heads=2, key_dim=8, value_dim=16, chunk_size=16)
+  run = jax.jit(functools.partial(tpu.state_pass, interpret=pltpu.InterpretParams()))
+  counts = dma_counts.count(run, *operands)
+  (call,) = counts.per_call
+  assert call.grid_steps == 2 * 4  # heads x chunks
+  f32 = 4
+  # Tiles are [16, d] rows of float32 per chunk and head, end decays one word per step, the
+  # initial state once per head.
+  assert list(call.hbm_to_vmem_by_operand.values()) == [
+    2 * 64 * 8 * f32, 2 * 64 * 8 * f32, 2 * 64 * 16 * f32, 2 * 64 * 8 * f32, 2 * 4 * f32,
+    2 * 8 * 16 * f32,
+  ]  # fmt: skip
+  assert list(call.vmem_to_hbm_by_operand.values()) == [2 * 64 * 16 * f32, 2 * 8 * 16 * f32]
