@@ -22,11 +22,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnjax.nn import cache as cache_lib
 from attnjax.nn.attention import Attention, resolve_heads
 from attnjax.nn.params import fan_in_init, param
 from attnjax.nn.rope import apply_rope
 from attnjax.nn.seq_parallel import SeqParallel, token_positions, variant_op
 from attnjax.ops import moh_route
+from attnjax.ops.softmax import aaren as aaren_ops
 from attnjax.ops.softmax import sinks as sink_ops
 
 AUX_LOSS = "aux_loss"  # name of the sown `nnx.Intermediate` the trainer adds to the loss
@@ -255,10 +257,30 @@ class AarenAttention(nnx.Module):
       raise ValueError(f"x must be [batch, seq, embed={self.k.shape[0]}], got shape {x.shape}")
     x = x.astype(self.dtype)
     k, v = (jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype)) for w in (self.k, self.v))
-    q = jnp.broadcast_to(self.query[...].astype(self.dtype), (x.shape[0], 1, *self.query.shape))
+    q = self._query(x.shape[0])
     op = variant_op(self.variant, self.seq_parallel)
     out = op(q, k, v, segment_ids=segment_ids, impl=self.impl)
     return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))
+
+  def _query(self, batch: int) -> jax.Array:
+    return jnp.broadcast_to(self.query[...].astype(self.dtype), (batch, 1, *self.query.shape))
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    """The empty prefix summary (running max, denominator, numerator per head): constant in
+    `max_len`, always float32."""
+    del max_len, dtype
+    if self.seq_parallel is not None and self.seq_parallel.splits_sequence:
+      raise cache_lib.no_cache(self.variant, "decoding does not split the sequence (seq_parallel)")
+    heads, head_dim = self.query.shape
+    return {"state": aaren_ops.aaren_init_state(batch, heads, head_dim)}
+
+  def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
+    """`x [batch, n, embed]` after the cached prefix -> (out, cache with the new summary)."""
+    del position  # the shared query has no position
+    x = x.astype(self.dtype)
+    k, v = (jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype)) for w in (self.k, self.v))
+    out, state = aaren_ops.aaren_chunk(cache["state"], self._query(x.shape[0]), k, v)
+    return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype)), {"state": state}
 
 
 class DiffQKVAttention(nnx.Module):

@@ -9,7 +9,7 @@ from attnjax.ops.linear import (
 )
 from attnjax.ops.neighborhood import neighborhood_attention
 from attnjax.ops.softmax import dot_product_attention
-from attnjax.ops.softmax.aaren import aaren, aaren_init_state, aaren_step
+from attnjax.ops.softmax.aaren import aaren, aaren_chunk, aaren_init_state, aaren_step
 from attnjax.ops.softmax.agent import agent_attention
 from attnjax.ops.softmax.cca import cca_attention
 from attnjax.ops.softmax.diffqkv import diffqkv_attention
@@ -23,6 +23,7 @@ from attnjax.ops.softmax.softplus import softplus_attention
 
 __all__ = [
   "aaren",
+  "aaren_chunk",
   "aaren_init_state",
   "aaren_step",
   "agent_attention",

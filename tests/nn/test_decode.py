@@ -32,6 +32,7 @@ DECODING = {
   "selective": {},
   "moh": {"top_k": 1},
   "softplus": {"train_len": 6, "reweight_power": 2.0},
+  "aaren": {},
   "linear": {},
   "based": {},
   "gla": {},
@@ -88,7 +89,9 @@ def test_long_prefill_chunks_attend_in_query_blocks(name, monkeypatch):
   assert_close(decoded(lm, ids, CHUNKS), lm(ids), TOL_BLOCKED_F32, f"{name} in query blocks")
 
 
-@pytest.mark.parametrize("name", ["softmax", "sliding_window", "sinks", "gla", "gated_deltanet"])
+@pytest.mark.parametrize(
+  "name", ["softmax", "sliding_window", "sinks", "gla", "gated_deltanet", "aaren"]
+)
 def test_bfloat16_decoding_matches_the_bfloat16_forward(name):
   lm, ids = model(name, jnp.bfloat16), tokens(2)
   assert lm.init_cache(2, 16)["layers"][1]["k"].dtype == jnp.bfloat16

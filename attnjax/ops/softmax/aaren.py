@@ -13,8 +13,9 @@ token starting as (s_j, 1, v_j) and combined by the paper's associative operator
                                            w_a e^{m_a - m} + w_b e^{m_b - m}),  m = max(m_a, m_b)
 
 so all outputs come from one parallel prefix scan (`jax.lax.associative_scan`, impl "xla",
-O(seq * dv) memory) and a stream advances one token at a time with a constant-size state
-(`aaren_step`). The dense reference materializes the `[seq, seq]` causal weights.
+O(seq * dv) memory) and a stream advances with a constant-size state (`aaren_step` one token
+at a time, `aaren_chunk` several). The dense reference materializes the `[seq, seq]` causal
+weights.
 Interpretations: the logits are scaled by `scale` (default head_dim ** -0.5, as in dot-product
 attention), there is one learned query per head (multi-head Aaren), and `segment_ids` restart
 the recurrence (packed sequences).
@@ -157,17 +158,39 @@ def aaren_step(
   Returns:
     `o_t [batch, 1, heads, value_dim]` in q's dtype and the summary of tokens 0..t.
   """
-  shape = check_qkv(q, k_t, v_t, same_length=True)
-  if shape.q_len != 1:
+  if k_t.ndim != 4 or k_t.shape[1] != 1:
     raise ValueError(f"aaren_step takes one token: q, k_t, v_t must have seq 1, got k {k_t.shape}")
+  return aaren_chunk(state, q, k_t, v_t, scale=scale)
+
+
+def aaren_chunk(
+  state: AarenState, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None
+) -> tuple[jax.Array, AarenState]:
+  """The next `n` tokens of a stream from the summary of those before: `(out, new_state)`.
+
+  Args:
+    state: the summary of the tokens before the chunk (`aaren_init_state` at the start).
+    q: `[batch, 1, heads, head_dim]`, the shared query.
+    k: `[batch, n, kv_heads, head_dim]`, v: `[batch, n, kv_heads, value_dim]`.
+
+  Returns:
+    `out [batch, n, heads, value_dim]` in q's dtype (output t attends the state's tokens and
+    the chunk's up to t) and the summary of every token so far.
+  """
+  shape = check_qkv(q, k, v)
+  if shape.q_len != 1:
+    raise ValueError(f"q must be [batch, 1, heads, head_dim] (one shared query), got {q.shape}")
   wanted = aaren_init_state(shape.batch, shape.heads, shape.value_dim)
   for name, got, want in zip(AarenState._fields, state, wanted, strict=True):
     if got.shape != want.shape:
       raise ValueError(f"state.{name} must have shape {want.shape}, got {got.shape}")
-  s_t = _scores(q, k_t, shape, resolve_scale(scale, shape.head_dim))[:, 0]
-  token = (False, s_t, jnp.ones_like(s_t), _values(v_t, shape)[:, 0])
-  _, m, u, w = _combine((False, *state), token)
-  return (w / u[..., None])[:, None].astype(q.dtype), AarenState(m, u, w)
+  scores = _scores(q, k, shape, resolve_scale(scale, shape.head_dim))  # [b, n, h]
+  leaves = (jnp.zeros(scores.shape, bool), scores, jnp.ones_like(scores), _values(v, shape))
+  prefixes = jax.lax.associative_scan(_combine, leaves, axis=1)
+  before = (False, state.max[:, None], state.denom[:, None], state.numer[:, None])
+  _, m, u, w = _combine(before, prefixes)
+  new_state = AarenState(m[:, -1], u[:, -1], w[:, -1])
+  return (w / u[..., None]).astype(q.dtype), new_state
 
 
 IMPLS = {"reference": _reference, "xla": _scan}
