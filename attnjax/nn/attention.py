@@ -178,10 +178,7 @@ class Attention(nnx.Module):
       if mask is None:
         raise ValueError(f"variant {self.variant!r} has no mask a cache policy can restrict")
       return streaming.init_cache(policy, batch, kv_heads, head_dim, dtype)
-    lookback = None if mask is None else mask.lookback
-    rows = max_len if lookback is None or lookback >= max_len else lookback
-    shape = (batch, rows, kv_heads, head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # two buffers to donate
+    return cache_lib.key_value_cache(mask, batch, max_len, kv_heads, head_dim, dtype)
 
   def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
     """`x [batch, n, embed]` at positions `position + [0, n)` -> (out, cache with its K/V)."""
@@ -199,29 +196,5 @@ class Attention(nnx.Module):
     if streaming.is_streaming(cache):
       rope_base = self.rope_base if self.use_rope else None
       return streaming.attend(q, k, v, cache, position, keywords=keywords, rope_base=rope_base)
-    n = q.shape[1]
-    rows = position + jnp.arange(n, dtype=jnp.int32)
-    mask = keywords.get("mask")
     attention = registry.get(self.variant).cached or cached.cached_attention
-    if mask is None or mask.lookback is None or cache["k"].shape[1] > mask.lookback:
-      cache = {
-        name: jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype),
-                                                  position, axis=1)
-        for name, new in (("k", k), ("v", v))
-      }  # fmt: skip
-      return attention(q, cache["k"], cache["v"], q_start=position, **keywords), cache
-    # Ring buffer: attend to its rows and the new chunk, then keep the latest `size` keys.
-    size = cache["k"].shape[1]
-    slots = jnp.arange(size, dtype=jnp.int32)
-    held = position - 1 - jnp.mod(position - 1 - slots, size)  # latest position < start
-    keys, values = (jnp.concatenate([cache[name], new.astype(cache[name].dtype)], axis=1)
-                    for name, new in (("k", k), ("v", v)))  # fmt: skip
-    out = attention(
-      q, keys, values, q_start=position, kv_positions=jnp.concatenate([held, rows]), **keywords
-    )
-    kept = slice(max(n - size, 0), n)
-    cache = {
-      name: cache[name].at[:, jnp.mod(rows[kept], size)].set(new[:, kept].astype(cache[name].dtype))
-      for name, new in (("k", k), ("v", v))
-    }
-    return out, cache
+    return cache_lib.attend_and_store(q, k, v, cache, position, attention, keywords)

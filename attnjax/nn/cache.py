@@ -8,9 +8,11 @@ int32 position of `x[:, 0]` (may be traced). Softmax layers keep keys and values
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 
@@ -31,9 +33,56 @@ def no_cache(variant: str, why: str = "its mixer has no decoding cache yet") -> 
   return ValueError(
     f"variant {variant!r} cannot decode: {why}. Decoding covers the mask variants of "
     "softmax attention (softmax, sliding_window, chunked, prefix_lm), gated, sinks, selective, "
-    "moh, softplus and aaren, the linear-family mixers and the delta rule (deltanet, "
-    "gated_deltanet)"
+    "moh, softplus and aaren, causal 1-D neighborhood attention, the linear-family mixers and "
+    "the delta rule (deltanet, gated_deltanet)"
   )
+
+
+def key_value_cache(mask, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> dict:
+  """Zero keys and values `[batch, rows, kv_heads, head_dim]` in `dtype`: `rows` is `max_len`,
+  or the lookback of `mask` (a `attnjax.masks.Mask` or None) when smaller, as a ring buffer
+  whose row `p % rows` holds position `p`."""
+  lookback = None if mask is None else mask.lookback
+  rows = max_len if lookback is None or lookback >= max_len else lookback
+  shape = (batch, rows, kv_heads, head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # two buffers to donate
+
+
+def attend_and_store(q, k, v, cache: dict, position, attention: Callable, keywords: dict):
+  """(attention of the chunk `q, k, v` at positions `position + [0, n)` over a
+  `key_value_cache` and itself, the cache holding the chunk's keys and values).
+
+  `attention(q, k_rows, v_rows, *, q_start, kv_positions=None, **keywords)` is
+  `attnjax.ops.softmax.cached.cached_attention` or a variant's own (`Variant.cached`).
+  """
+  n = q.shape[1]
+  rows = position + jnp.arange(n, dtype=jnp.int32)
+  mask = keywords.get("mask")
+  if mask is None or mask.lookback is None or cache["k"].shape[1] > mask.lookback:
+    cache = {
+      name: jax.lax.dynamic_update_slice_in_dim(
+        cache[name], new.astype(cache[name].dtype), position, axis=1
+      )
+      for name, new in (("k", k), ("v", v))
+    }
+    return attention(q, cache["k"], cache["v"], q_start=position, **keywords), cache
+  # Ring buffer: attend to its rows and the new chunk, then keep the latest `size` keys.
+  size = cache["k"].shape[1]
+  slots = jnp.arange(size, dtype=jnp.int32)
+  held = position - 1 - jnp.mod(position - 1 - slots, size)  # latest position < start
+  keys, values = (
+    jnp.concatenate([cache[name], new.astype(cache[name].dtype)], axis=1)
+    for name, new in (("k", k), ("v", v))
+  )
+  out = attention(
+    q, keys, values, q_start=position, kv_positions=jnp.concatenate([held, rows]), **keywords
+  )
+  kept = slice(max(n - size, 0), n)
+  cache = {
+    name: cache[name].at[:, jnp.mod(rows[kept], size)].set(new[:, kept].astype(cache[name].dtype))
+    for name, new in (("k", k), ("v", v))
+  }
+  return out, cache
 
 
 def logical_specs(cache) -> Any:

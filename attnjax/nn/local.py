@@ -11,14 +11,17 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from attnjax import registry
+from attnjax import masks, registry
+from attnjax.nn import cache as cache_lib
 from attnjax.nn.attention import resolve_heads
 from attnjax.nn.norm import RMSNorm
 from attnjax.nn.params import fan_in_init, param
 from attnjax.nn.rope import apply_rope
 from attnjax.nn.seq_parallel import SeqParallel, token_positions, variant_op
+from attnjax.ops.softmax import cached
 
 
 class LocalAttention(nnx.Module):
@@ -141,6 +144,46 @@ class LocalAttention(nnx.Module):
       out = out + self._local_context(v, q.shape[-2]).astype(out.dtype)
     out = out.reshape(x.shape[0], x.shape[1], *out.shape[-2:])
     return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))
+
+  def _decode_keywords(self) -> dict:
+    """`cached_attention` keywords of a causal 1-D neighborhood: its window of `kernel_size`
+    dilation-group members at or before each query, as a mask over absolute positions."""
+    options = dict(self.variant_options)
+    if self.variant != "neighborhood" or self.spatial_shape is not None:
+      raise cache_lib.no_cache(self.variant, "only causal 1-D neighborhood attention decodes")
+    if not np.all(options.get("causal")):
+      raise cache_lib.no_cache(self.variant, "the layer is not causal (causal=False)")
+    if self.seq_parallel is not None and self.seq_parallel.splits_sequence:
+      raise cache_lib.no_cache(self.variant, "decoding does not split the sequence (seq_parallel)")
+    size, dilation = (
+      int(np.ravel(options.get(name, 1))[0]) for name in ("kernel_size", "dilation")
+    )
+    mask = masks.causal() & masks.sliding_window((size - 1) * dilation)
+    if dilation > 1:
+      mask = mask & masks.strided(dilation)
+    return {"mask": mask, "scale": options.get("scale")}
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    """A ring of the last `(kernel_size - 1) * dilation` keys and values (causal 1-D only)."""
+    mask = self._decode_keywords()["mask"]
+    _, kv_heads, head_dim = self.k.shape
+    return cache_lib.key_value_cache(mask, batch, max_len, kv_heads, head_dim, dtype)
+
+  def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
+    """`x [batch, n, embed]` at positions `position + [0, n)` -> (out, cache with its K/V)."""
+    keywords = self._decode_keywords()
+    x = x.astype(self.dtype)
+    q, k, v = (
+      jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype)) for w in (self.q, self.k, self.v)
+    )
+    if self.use_rope:
+      positions = position + jnp.arange(x.shape[1])
+      q = apply_rope(q, positions, base=self.rope_base)
+      k = apply_rope(k, positions, base=self.rope_base)
+    out, cache = cache_lib.attend_and_store(
+      q, k, v, cache, position, cached.cached_attention, keywords
+    )
+    return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype)), cache
 
 
 class MultiAxisAttention(nnx.Module):

@@ -33,6 +33,7 @@ DECODING = {
   "moh": {"top_k": 1},
   "softplus": {"train_len": 6, "reweight_power": 2.0},
   "aaren": {},
+  "neighborhood": {"kernel_size": 3, "dilation": 2},
   "linear": {},
   "based": {},
   "gla": {},
@@ -138,7 +139,7 @@ def test_sampling_respects_top_k_top_p_and_temperature():
   )
 
 
-@pytest.mark.parametrize("name", ["cca", "neighborhood"])
+@pytest.mark.parametrize("name", ["cca", "halo"])
 def test_variants_without_a_cache_raise_naming_themselves(name):
   with pytest.raises(ValueError, match=f"variant {name!r} cannot decode"):
     model(name).init_cache(2, 16)
