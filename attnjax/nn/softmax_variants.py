@@ -29,6 +29,7 @@ from attnjax.nn.rope import apply_rope
 from attnjax.nn.seq_parallel import SeqParallel, token_positions, variant_op
 from attnjax.ops import moh_route
 from attnjax.ops.softmax import aaren as aaren_ops
+from attnjax.ops.softmax import gaussian as gaussian_ops
 from attnjax.ops.softmax import sinks as sink_ops
 
 AUX_LOSS = "aux_loss"  # name of the sown `nnx.Intermediate` the trainer adds to the loss
@@ -557,3 +558,25 @@ class GaussianAttention(nnx.Module):
       impl=self.impl,
     )
     return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    """Zero running sums of the values and their squares `[batch, heads, head_dim]` (float32,
+    constant in `max_len`): the causal statistics of every position so far."""
+    del max_len, dtype
+    if not self.causal:
+      raise cache_lib.no_cache(self.variant, "the layer is not causal (causal=False)")
+    if self.seq_parallel is not None and self.seq_parallel.splits_sequence:
+      raise cache_lib.no_cache(self.variant, "decoding does not split the sequence (seq_parallel)")
+    _, heads, head_dim = self.v.shape
+    zeros = jnp.zeros((batch, heads, head_dim), jnp.float32)
+    return {"state": (zeros, zeros)}
+
+  def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
+    """`x [batch, n, embed]` at positions `position + [0, n)` -> (out, cache with the sums)."""
+    x = x.astype(self.dtype)
+    v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(self.dtype))
+    out, sums = gaussian_ops.gaussian_chunk(
+      v, self.mean_offset[...], jnp.exp(self.log_var_scale[...]), cache["state"], position,
+      eps=self.eps,
+    )  # fmt: skip
+    return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype)), {"state": sums}

@@ -34,6 +34,7 @@ DECODING = {
   "softplus": {"train_len": 6, "reweight_power": 2.0},
   "aaren": {},
   "neighborhood": {"kernel_size": 3, "dilation": 2},
+  "gaussian": {},
   "linear": {},
   "based": {},
   "gla": {},

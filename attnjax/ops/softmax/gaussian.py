@@ -138,6 +138,28 @@ def _blocked(x, mean_offset, var_scale, *, causal, runs, eps):
   return _weigh(x, total / count, total_sq / count, mean_offset, var_scale, eps)
 
 
+def gaussian_chunk(x, mean_offset, var_scale, sums, start, *, eps: float = 1e-5):
+  """Causal Gaussian weighting of the next `n` positions of a stream (decoding).
+
+  Args:
+    x: `[batch, n, heads, head_dim]`, the chunk at positions `start + [0, n)`.
+    mean_offset, var_scale, eps: as `gaussian_attention`.
+    sums: float32 (sum of x, sum of x^2) `[batch, heads, head_dim]` over positions `< start`.
+    start: int32 scalar (may be traced), the position of `x[:, 0]`.
+
+  Returns:
+    (`out` like x, the sums over positions `< start + n`): out equals `gaussian_attention(...,
+    causal=True)` of the whole stream at these positions.
+  """
+  xf = x.astype(jnp.float32)
+  total, total_sq = (
+    jnp.cumsum(y, axis=1) + s[:, None] for y, s in zip((xf, xf**2), sums, strict=True)
+  )
+  count = (start + 1 + jnp.arange(x.shape[1])).astype(jnp.float32)[None, :, None, None]
+  out = _weigh(x, total / count, total_sq / count, mean_offset, var_scale, eps)
+  return out, (total[:, -1], total_sq[:, -1])
+
+
 IMPLS = {"reference": _reference, "xla": _blocked}
 
 
