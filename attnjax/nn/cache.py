@@ -33,8 +33,8 @@ def no_cache(variant: str, why: str = "its mixer has no decoding cache yet") -> 
   return ValueError(
     f"variant {variant!r} cannot decode: {why}. Decoding covers the mask variants of "
     "softmax attention (softmax, sliding_window, chunked, prefix_lm), gated, sinks, selective, "
-    "moh, softplus, aaren and gaussian, causal 1-D neighborhood attention, the linear-family "
-    "mixers and the delta rule (deltanet, gated_deltanet)"
+    "moh, softplus, aaren, gaussian and diffqkv, causal 1-D neighborhood attention, the "
+    "linear-family mixers and the delta rule (deltanet, gated_deltanet)"
   )
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnjax import registry
 from attnjax.nn import cache as cache_lib
 from attnjax.nn.attention import Attention, resolve_heads
 from attnjax.nn.params import fan_in_init, param
@@ -29,6 +30,7 @@ from attnjax.nn.rope import apply_rope
 from attnjax.nn.seq_parallel import SeqParallel, token_positions, variant_op
 from attnjax.ops import moh_route
 from attnjax.ops.softmax import aaren as aaren_ops
+from attnjax.ops.softmax import cached
 from attnjax.ops.softmax import gaussian as gaussian_ops
 from attnjax.ops.softmax import sinks as sink_ops
 
@@ -353,6 +355,14 @@ class DiffQKVAttention(nnx.Module):
     )
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    q, k, v = self._project(x, token_positions(x.shape[1], self.seq_parallel))
+    op = variant_op(self.variant, self.seq_parallel)
+    out = op(q, k, v, segment_ids=segment_ids, impl=self.impl)
+    return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))
+
+  def _project(self, x: jax.Array, positions) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q `[b, t, heads, key_dim]`, k `[b, t, k_heads, key_dim]` (rotated at `positions`) and
+    v `[b, t, v_heads, head_dim]` of `x [batch, seq, embed]`."""
     if x.ndim != 3 or x.shape[-1] != self.k.shape[0]:
       raise ValueError(f"x must be [batch, seq, embed={self.k.shape[0]}], got shape {x.shape}")
     x = x.astype(self.dtype)
@@ -361,12 +371,34 @@ class DiffQKVAttention(nnx.Module):
     )
     if self.q_aug is not None:
       q = jnp.einsum("bthe,hek->bthk", q, self.q_aug[...].astype(self.dtype))
-    positions = token_positions(x.shape[1], self.seq_parallel)
     q = apply_rope(q, positions, base=self.rope_base)
     k = apply_rope(k, positions, base=self.rope_base)
-    op = variant_op(self.variant, self.seq_parallel)
-    out = op(q, k, v, segment_ids=segment_ids, impl=self.impl)
-    return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))
+    return q, k, v
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    """Zero keys `[batch, max_len, k_heads, key_dim]` and values `[batch, max_len, v_heads,
+    head_dim]`: the cache keeps the fewer K heads, as the paper intends."""
+    if self.seq_parallel is not None and self.seq_parallel.splits_sequence:
+      raise cache_lib.no_cache(self.variant, "decoding does not split the sequence (seq_parallel)")
+    _, k_heads, key_dim = self.k.shape
+    _, v_heads, head_dim = self.v.shape
+    return {
+      "k": jnp.zeros((batch, max_len, k_heads, key_dim), dtype),
+      "v": jnp.zeros((batch, max_len, v_heads, head_dim), dtype),
+    }
+
+  def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
+    """`x [batch, n, embed]` at positions `position + [0, n)` -> (out, cache with its K/V);
+    the K heads are repeated to the V heads only to attend."""
+    q, k, v = self._project(x, position + jnp.arange(x.shape[1]))
+    repeats = self.v.shape[1] // self.k.shape[1]
+
+    def attention(q, k_rows, v_rows, **keywords):
+      return cached.cached_attention(q, jnp.repeat(k_rows, repeats, axis=2), v_rows, **keywords)
+
+    keywords = dict(registry.get(self.variant).defaults)
+    out, cache = cache_lib.attend_and_store(q, k, v, cache, position, attention, keywords)
+    return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype)), cache
 
 
 class DisentangledAttention(Attention):

@@ -35,6 +35,7 @@ DECODING = {
   "aaren": {},
   "neighborhood": {"kernel_size": 3, "dilation": 2},
   "gaussian": {},
+  "diffqkv": {"q_aug_dim": 12},
   "linear": {},
   "based": {},
   "gla": {},
