@@ -9,6 +9,7 @@ import pkgutil
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from jaxlib import xla_client
 
 # The platforms each kernel lowers for, as `jax.lax.platform_dependent` names them.
@@ -63,6 +64,18 @@ def _gpu_plugin_installed() -> bool:
 
   return any(
     m.name.startswith(("xla_cuda", "xla_rocm")) for m in pkgutil.iter_modules(jax_plugins.__path__)
+  )
+
+
+def dot(a, b, *, dtype, precision=None, transpose_a=False, transpose_b=False):
+  """Matmul of 2-D tiles on `dtype` operands with float32 accumulation, optional transposes."""
+  contract = (0 if transpose_a else 1, 1 if transpose_b else 0)
+  return jax.lax.dot_general(
+    a.astype(dtype),
+    b.astype(dtype),
+    ((contract[:1], contract[1:]), ((), ())),
+    precision=precision,
+    preferred_element_type=jnp.float32,
   )
 
 

@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from kernels_pallas import common
+
 MIN_DOT = 16  # tl.dot's smallest M, N and K on hardware
+
+
+def dot(a, b, *, dtype, **transposes):
+  """Matmul of 2-D tiles on `dtype` operands with float32 accumulation: IEEE float32 for
+  float32 (Triton's default would be TF32), tensor cores for bfloat16."""
+  precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  return common.dot(a, b, dtype=dtype, precision=precision, **transposes)
 
 
 def whole(shape) -> pl.BlockSpec:

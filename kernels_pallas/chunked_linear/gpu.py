@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels_pallas import common
+from kernels_pallas import common, triton
 from kernels_pallas.chunked_linear.common import check_shapes, sum_groups
 from kernels_pallas.triton import MIN_DOT, triton_call
 
@@ -102,20 +102,6 @@ class _Static:
 # Kernel bodies.
 
 
-def _dot(a, b, *, dtype, transpose_a=False, transpose_b=False):
-  """Matmul of 2-D tiles on `dtype` operands with float32 accumulation: IEEE float32 for
-  float32 (Triton's default would be TF32), tensor cores for bfloat16."""
-  contract = (0 if transpose_a else 1, 1 if transpose_b else 0)
-  precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-  return jax.lax.dot_general(
-    a.astype(dtype),
-    b.astype(dtype),
-    ((contract[:1], contract[1:]), ((), ())),
-    precision=precision,
-    preferred_element_type=jnp.float32,
-  )
-
-
 def _load_chunk(refs, n, chunk, vector):
   """Chunk n of q, k, v (float32 [C, d]) and its decays.
 
@@ -161,7 +147,7 @@ def _decay_from_key(g, g_j, j):
 
 def _forward_kernel(q_ref, k_ref, v_ref, g_ref, init_ref, out_ref, final_ref, *, st):
   chunk = st.chunk
-  dot = functools.partial(_dot, dtype=st.operand_dtype)
+  dot = functools.partial(triton.dot, dtype=st.operand_dtype)
 
   def step(n, state):
     q, k, v, g, decay_q, decay_k, decay_state = _load_chunk(
@@ -194,7 +180,7 @@ def _backward_kernel(
   chunk = st.chunk
   num_chunks = q_ref.shape[0] // chunk
   refs = (q_ref, k_ref, v_ref, g_ref)
-  dot = functools.partial(_dot, dtype=st.operand_dtype)
+  dot = functools.partial(triton.dot, dtype=st.operand_dtype)
 
   def d_out_of(n):
     return d_out_ref[pl.ds(pl.multiple_of(n * chunk, chunk), chunk), :]

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels_pallas import common
+from kernels_pallas import common, triton
 from kernels_pallas.delta_rule.common import check_shapes
 from kernels_pallas.triton import MIN_DOT, triton_call
 
@@ -73,20 +73,6 @@ class _Static:
   num_stages: int
 
 
-def _dot(a, b, *, dtype, transpose_a=False, transpose_b=False):
-  """Matmul of 2-D tiles on `dtype` operands with float32 accumulation: IEEE float32 for
-  float32 (Triton's default would be TF32), tensor cores for bfloat16."""
-  contract = (0 if transpose_a else 1, 1 if transpose_b else 0)
-  precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-  return jax.lax.dot_general(
-    a.astype(dtype),
-    b.astype(dtype),
-    ((contract[:1], contract[1:]), ((), ())),
-    precision=precision,
-    preferred_element_type=jnp.float32,
-  )
-
-
 # ---------------------------------------------------------------------------------------------
 # Kernel bodies.
 
@@ -99,7 +85,7 @@ def _forward_kernel(query_state_ref, w_ref, u_ref, k_end_ref, end_decay_ref, ini
                     *rest, st, save_states):  # fmt: skip
   states_ref = rest[0] if save_states else None
   final_ref = rest[-1]
-  dot = functools.partial(_dot, dtype=st.operand_dtype)
+  dot = functools.partial(triton.dot, dtype=st.operand_dtype)
   key_dim = w_ref.shape[1]
 
   def step(n, state):
@@ -118,7 +104,7 @@ def _backward_kernel(
   query_state_ref, w_ref, u_ref, k_end_ref, end_decay_ref, states_ref, d_out_ref, d_final_ref,
   dq_ref, dw_ref, du_ref, dk_ref, de_ref, d_init_ref, *, st,
 ):  # fmt: skip
-  dot = functools.partial(_dot, dtype=st.operand_dtype)
+  dot = functools.partial(triton.dot, dtype=st.operand_dtype)
   key_dim = w_ref.shape[1]
   num_chunks = w_ref.shape[0] // st.chunk
 

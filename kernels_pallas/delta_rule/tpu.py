@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import tpu_memory
+from kernels_pallas import common, tpu_memory
 from kernels_pallas.delta_rule.common import check_shapes
 
 # Chunk rows are padded to whole sublanes of both float32 (8) and bfloat16 (16) tiles.
@@ -48,15 +48,9 @@ class _Static:
   interpret: bool | pltpu.InterpretParams
 
 
-def _dot(st, a, b, *, transpose_a=False, transpose_b=False):
-  """Matmul of 2-D tiles in `st.mxu_dtype`, float32 accumulation, optional transposes."""
-  contract = (0 if transpose_a else 1, 1 if transpose_b else 0)
-  return jax.lax.dot_general(
-    a.astype(st.mxu_dtype),
-    b.astype(st.mxu_dtype),
-    ((contract[:1], contract[1:]), ((), ())),
-    preferred_element_type=jnp.float32,
-  )
+def _dot(st, a, b, **transposes):
+  """Matmul of 2-D tiles in `st.mxu_dtype`, float32 accumulation (`common.dot`)."""
+  return common.dot(a, b, dtype=st.mxu_dtype, **transposes)
 
 
 # ---------------------------------------------------------------------------------------------
