@@ -47,8 +47,9 @@ Split = Literal["mask", "state", "heads", "delta"]
 SPLITS = ("mask", "state", "heads", "delta", None)
 
 
-class Unsupported(ValueError):  # noqa: N818 - reads better at raise sites: `raise Unsupported(...)`
-  """An implementation cannot handle this call; `impl="auto"` tries the next one."""
+# An implementation cannot handle this call; `impl="auto"` tries the next one. Kernels raise it
+# too (a shape their tiles cannot hold), so it lives with them.
+Unsupported = kernel_common.Unsupported
 
 
 @dataclasses.dataclass(frozen=True)

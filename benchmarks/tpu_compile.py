@@ -58,19 +58,29 @@ class Case:
   shapes: tuple[tuple[int, ...], ...]
   dtype: str
   grad: bool
+  precision: str | None = None  # a `jax.default_matmul_precision` to trace under
 
   @property
   def label(self) -> str:
-    return f"{self.family}/{self.name}/{self.dtype}/{'grad' if self.grad else 'fwd'}"
+    dtype = self.dtype if self.precision is None else f"{self.dtype}@{self.precision}"
+    return f"{self.family}/{self.name}/{dtype}/{'grad' if self.grad else 'fwd'}"
 
   def function(self) -> Callable:
-    if not self.grad:
-      return self.op
+    fn = self.op
+    if self.grad:
 
-    def loss(*inputs):
-      return jnp.sum(self.op(*inputs).astype(jnp.float32))
+      def loss(*inputs):
+        return jnp.sum(self.op(*inputs).astype(jnp.float32))
 
-    return jax.grad(loss, argnums=tuple(range(len(self.shapes))))
+      fn = jax.grad(loss, argnums=tuple(range(len(self.shapes))))
+    if self.precision is None:
+      return fn
+
+    def under_precision(*inputs):
+      with jax.default_matmul_precision(self.precision):
+        return fn(*inputs)
+
+    return under_precision
 
   def inputs(self) -> tuple[jax.ShapeDtypeStruct, ...]:
     return tuple(jax.ShapeDtypeStruct(s, jnp.dtype(self.dtype)) for s in self.shapes)
@@ -147,9 +157,9 @@ def _linear(decay: str):
   return op
 
 
-def chunked_linear_cases():
+def chunked_linear_cases(head_dims=(128, 256)):
   """(name, op, shapes, dtypes) of the chunked linear-attention kernel."""
-  for head_dim in (128, 256):
+  for head_dim in head_dims:
     q, kv = _qkv(head_dim=head_dim)
     for decay in ("none", "head", "scalar", "vector"):
       yield f"{decay}_hd{head_dim}", _linear(decay), (q, kv, kv), ("float32", "bfloat16")
@@ -165,9 +175,9 @@ def _delta_rule(gated: bool):
   return op
 
 
-def delta_rule_cases():
+def delta_rule_cases(head_dims=(128, 256)):
   """(name, op, shapes, dtypes) of the delta-rule state-pass kernel (DeltaNet, Gated DeltaNet)."""
-  for head_dim in (128, 256):
+  for head_dim in head_dims:
     q, kv = _qkv(head_dim=head_dim)
     for name, gated in (("deltanet", False), ("gated", True)):
       yield f"{name}_hd{head_dim}", _delta_rule(gated), (q, kv, kv), ("float32", "bfloat16")
@@ -183,8 +193,9 @@ def _neighborhood(kernel_size, dilation=1, causal=False):
   )
 
 
-def neighborhood_cases():
-  """(name, op, shapes, dtypes) of the neighborhood-attention kernel."""
+def neighborhood_cases(head_dims=(64,)):
+  """(name, op, shapes, dtypes) of the neighborhood-attention kernel (names of head dims other
+  than 64 end in `_hd<dim>`)."""
   geometries = {
     "1d_k63": ((T,), _neighborhood(63)),
     "1d_k63_causal": ((T,), _neighborhood(63, causal=True)),
@@ -193,8 +204,10 @@ def neighborhood_cases():
     "3d_3x7x7": ((8, 32, 32), _neighborhood((3, 7, 7))),
   }
   for name, (spatial, op) in geometries.items():
-    q, kv = _qkv(head_dim=64, spatial=spatial)
-    yield name, op, (q, kv, kv), ("float32", "bfloat16")
+    for head_dim in head_dims:
+      q, kv = _qkv(head_dim=head_dim, spatial=spatial)
+      suffix = "" if head_dim == 64 else f"_hd{head_dim}"
+      yield name + suffix, op, (q, kv, kv), ("float32", "bfloat16")
 
 
 CASE_SOURCES = {
@@ -244,21 +257,11 @@ def scalar_prefetch_bytes(fn: Callable, inputs) -> int:
       if eqn.primitive.name == "pallas_call":
         n = eqn.params["grid_mapping"].num_index_operands
         largest = max(largest, sum(v.aval.size * v.aval.dtype.itemsize for v in eqn.invars[:n]))
-      for sub in _subjaxprs(eqn):
+      for sub in aot.subjaxprs(eqn):
         visit(sub)
 
   visit(jax.make_jaxpr(fn)(*inputs).jaxpr)
   return largest
-
-
-def _subjaxprs(eqn):
-  """The jaxprs an equation holds (cond branches, custom_vjp bodies, pjit), one level down."""
-  for value in eqn.params.values():
-    for item in value if isinstance(value, (tuple, list)) else (value,):
-      if hasattr(item, "jaxpr") and hasattr(item, "consts"):
-        yield item.jaxpr
-      elif hasattr(item, "eqns"):
-        yield item
 
 
 @dataclasses.dataclass

@@ -4,8 +4,6 @@ kernel compiles for, and the `custom_vjp` that joins a forward and a backward pa
 from __future__ import annotations
 
 import functools
-import importlib.util
-import pkgutil
 from collections.abc import Callable
 
 import jax
@@ -15,6 +13,11 @@ from jaxlib import xla_client
 # The platforms each kernel lowers for, as `jax.lax.platform_dependent` names them.
 PLATFORMS = {"tpu": ("tpu",), "gpu": ("cuda", "rocm")}
 KERNELS = tuple(PLATFORMS)
+
+
+class Unsupported(ValueError):  # noqa: N818 - reads better at raise sites: `raise Unsupported(...)`
+  """An implementation cannot handle this call (`attnjax.registry.Unsupported`): `impl="auto"`
+  tries the next one, an explicit `impl` gets this ValueError."""
 
 
 def is_power_of_two(n) -> bool:
@@ -37,12 +40,12 @@ def check_kernel(kernel: str) -> str:
 def compilable_kernels() -> tuple[str, ...]:
   """The kernels a program traced now may be compiled with: those of JAX's default backend,
   plus "tpu" once this process has made compile-only TPU devices (libtpu's PJRT plugin is
-  initialized, as `jax.experimental.topologies.get_topology_desc` does) and "gpu" where a
-  CUDA or ROCm plugin is installed. A CPU process that never asks for TPU devices traces
-  no TPU kernel, even with libtpu installed."""
+  initialized, as `jax.experimental.topologies.get_topology_desc` does) and "gpu" once it has
+  made compile-only GPU devices (`attnjax.aot.gpu_devices`). A CPU process that never asks for
+  such devices traces no TPU or GPU kernel, even with libtpu or the CUDA plugin installed."""
   backend = jax.default_backend()
   kernels = {"tpu"} if backend == "tpu" or _tpu_compiler_initialized() else set()
-  if backend in ("gpu", "cuda", "rocm") or _gpu_plugin_installed():
+  if backend in ("gpu", "cuda", "rocm") or _gpu_compiler_initialized():
     kernels.add("gpu")
   return tuple(k for k in KERNELS if k in kernels)
 
@@ -51,20 +54,19 @@ def _tpu_compiler_initialized() -> bool:
   return xla_client.pjrt_plugin_loaded("tpu") and xla_client.pjrt_plugin_initialized("tpu")
 
 
-@functools.cache
-def _has_module(name: str) -> bool:
-  return importlib.util.find_spec(name) is not None
+# The CUDA plugin loads with every backend initialization, used or not, so it cannot tell
+# whether compile-only GPU devices exist: `attnjax.aot.gpu_devices` says so here.
+_compile_only_gpu_devices = False
 
 
-@functools.cache
-def _gpu_plugin_installed() -> bool:
-  if not _has_module("jax_plugins"):
-    return False
-  import jax_plugins
+def compile_only_gpu_devices_made() -> None:
+  """Called when compile-only GPU devices exist: from then on programs lower the GPU kernels."""
+  global _compile_only_gpu_devices
+  _compile_only_gpu_devices = True
 
-  return any(
-    m.name.startswith(("xla_cuda", "xla_rocm")) for m in pkgutil.iter_modules(jax_plugins.__path__)
-  )
+
+def _gpu_compiler_initialized() -> bool:
+  return _compile_only_gpu_devices
 
 
 def dot(a, b, *, dtype, precision=None, transpose_a=False, transpose_b=False):

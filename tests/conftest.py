@@ -16,11 +16,14 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)
-def _tpu_kernels_only_in_tpu_compile_tests(request, monkeypatch):
-  """Outside tests marked `tpu_compile`, no TPU kernel is traced, as in a process that never made
-  compile-only TPU devices. libtpu stays loaded in an xdist worker once one of its tests has
-  made them; without this, every later test there would also trace the TPU kernels."""
-  if request.node.get_closest_marker("tpu_compile") is None:
-    from kernels_pallas import common
+def _hardware_kernels_only_in_compile_tests(request, monkeypatch):
+  """Outside tests marked `tpu_compile` (`gpu_compile`), no TPU (GPU) kernel is traced, as in a
+  process that never made compile-only devices. The compilers stay loaded in an xdist worker
+  once one of their tests has made them; without this, every later test there would also trace
+  those kernels."""
+  from kernels_pallas import common
 
+  if request.node.get_closest_marker("tpu_compile") is None:
     monkeypatch.setattr(common, "_tpu_compiler_initialized", lambda: False)
+  if request.node.get_closest_marker("gpu_compile") is None:
+    monkeypatch.setattr(common, "_gpu_compiler_initialized", lambda: False)

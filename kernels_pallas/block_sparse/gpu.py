@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels_pallas import common
+from kernels_pallas import common, triton
 from kernels_pallas.block_sparse.common import (
   FULL,
   BlockSizes,
@@ -58,8 +58,7 @@ class _Static(Static):
 
 
 def _logits(st, q, k):
-  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  s = s * st.scale
+  s = common.dot(q, k, dtype=k.dtype, transpose_b=True) * st.scale
   if st.softcap is None:
     return s, None
   capped = jnp.tanh(s / st.softcap)
@@ -106,9 +105,7 @@ def _forward_kernel(
     p = jnp.exp(s - shift[:, None])
     correction = jnp.exp(row_max - shift)
     v = v_ref[kv_slice, :]
-    pv = jax.lax.dot_general(
-      p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-    )
+    pv = common.dot(p, v, dtype=v.dtype)
     return acc * correction[:, None] + pv, new_max, row_sum * correction + p.sum(axis=1)
 
   init = (
@@ -141,9 +138,7 @@ def _probs_and_dlogits(st, kind, tile, q, k, v, do, lse, delta, q_ids, kv_ids):
   s, capped = _logits(st, q, k)
   allowed = _allowed(st, kind, tile, q_ids, kv_ids)
   p = jnp.where(allowed, jnp.exp(s - jnp.where(lse == -jnp.inf, 0.0, lse)[:, None]), 0.0)
-  dp = jax.lax.dot_general(
-    do, v.astype(jnp.float32), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-  )
+  dp = common.dot(do, v, dtype=v.dtype, transpose_b=True)
   ds = p * (dp - delta[:, None])
   if capped is not None:
     ds = ds * (1.0 - capped * capped)
@@ -167,7 +162,7 @@ def _dq_kernel(
 ):
   q_seg_ref, kv_seg_ref, _, dq_ref = _unpack(st, refs, with_sinks=False)
   h, i = pl.program_id(1), pl.program_id(2)
-  q, do = q_ref[...], do_ref[...].astype(jnp.float32)
+  q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   q_ids = q_seg_ref[...] if st.has_segments else None
 
@@ -179,9 +174,7 @@ def _dq_kernel(
     _, ds = _probs_and_dlogits(
       st, kind, tile, q, k, v_ref[kv_slice, :], do, lse, delta, q_ids, kv_ids
     )
-    return dq + jax.lax.dot_general(
-      ds, k.astype(jnp.float32), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-    )
+    return dq + common.dot(ds, k, dtype=k.dtype)
 
   count = counts_ref[h if st.per_head else 0, i]
   dq = jax.lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
@@ -207,7 +200,6 @@ def _dkv_kernel(
   kv_head, kb = pl.program_id(1), pl.program_id(2)
   k, v = k_ref[...], v_ref[...]
   kv_ids = kv_seg_ref[...] if st.has_segments else None
-  transposed_lhs = (((0,), (0,)), ((), ()))
 
   def per_group(g, carry):
     h = kv_head * st.groups + g
@@ -217,15 +209,13 @@ def _dkv_kernel(
       kind, qb, tile = _tile_inputs(st, (indices_ref, kinds_ref, pids_ref, tiles_ref), h, kb, j)
       q_slice = pl.ds(qb * st.block_q, st.block_q)
       q = q_ref[g, q_slice, :]
-      do = do_ref[g, q_slice, :].astype(jnp.float32)
+      do = do_ref[g, q_slice, :]
       q_ids = q_seg_ref[q_slice] if st.has_segments else None
       p, ds = _probs_and_dlogits(
         st, kind, tile, q, k, v, do, lse_ref[g, q_slice], delta_ref[g, q_slice], q_ids, kv_ids
       )
-      dv = dv + jax.lax.dot_general(p, do, transposed_lhs, preferred_element_type=jnp.float32)
-      dk = dk + jax.lax.dot_general(
-        ds, q.astype(jnp.float32), transposed_lhs, preferred_element_type=jnp.float32
-      )
+      dv = dv + common.dot(p, do, dtype=do.dtype, transpose_a=True)
+      dk = dk + common.dot(ds, q, dtype=q.dtype, transpose_a=True)
       return dk, dv
 
     count = counts_ref[h if st.per_head else 0, kb]
@@ -391,6 +381,7 @@ def block_sparse_attention(
 ) -> tuple[jax.Array, jax.Array]:
   """Same contract as `kernels_pallas.block_sparse.tpu.block_sparse_attention`."""
   check_call(q, k, v, mask_info)
+  triton.check_head_dims(interpret=interpret, head_dim=q.shape[3], value_dim=v.shape[3])
   check_block_sizes(BlockSizes(mask_info.block_q, mask_info.block_kv), interpret=interpret)
   st = _Static.of_call(
     q, k, mask_info, scale=scale, softcap=softcap, segment_ids=segment_ids,

@@ -36,7 +36,8 @@ two >= 16 and the sequence to a multiple of C: a zero key or value adds nothing 
 zero query reads nothing, a zero log decay on padded tokens keeps the state as it is, and the
 padded rows and columns are sliced off (so padding does not change the function).
 
-float32 inputs use IEEE float32 matmuls (TF32 would miss the 1e-4 float32 tolerance);
+float32 inputs follow `jax.default_matmul_precision` (`kernels_pallas.triton`: TF32 by default
+on hardware, IEEE float32 under "highest", which the 1e-4 float32 tolerance needs);
 16-bit inputs feed bfloat16 matmul operands (float32's range: the state may outgrow float16's)
 to the tensor cores with float32 accumulation. Decays, the vector path's scores, the state and
 all outputs are float32.
@@ -82,6 +83,20 @@ class BlockSizes:
       raise ValueError(f"num_warps must be a power of two in [1, 32], got {self.num_warps}")
     if self.num_stages < 1:
       raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+
+
+WIDE_ROW_TILE = 32
+
+
+def default_block_sizes(key_dim: int, dtype, chunk: int = BlockSizes.chunk) -> BlockSizes:
+  """`BlockSizes(chunk)`, with at most `WIDE_ROW_TILE` tokens per chunk and value columns per
+  program where a padded `[C, key_dim]` row is wider than `triton.WIDE_ROW_BYTES` (key_dim 256
+  in float32): at 64 and 64 the IEEE float32 dots ask an A100 for 213 KB (forward) and 295 KB
+  (backward) of its 163 KB of shared memory, and at 32 tokens still 180 KB (backward)."""
+  row_bytes = common.next_power_of_two(key_dim, at_least=MIN_DOT) * jnp.dtype(dtype).itemsize
+  if row_bytes > triton.WIDE_ROW_BYTES:
+    return BlockSizes(chunk=min(chunk, WIDE_ROW_TILE), block_value=WIDE_ROW_TILE)
+  return BlockSizes(chunk=chunk)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +162,7 @@ def _decay_from_key(g, g_j, j):
 
 def _forward_kernel(q_ref, k_ref, v_ref, g_ref, init_ref, out_ref, final_ref, *, st):
   chunk = st.chunk
-  dot = functools.partial(triton.dot, dtype=st.operand_dtype)
+  dot = functools.partial(common.dot, dtype=st.operand_dtype)
 
   def step(n, state):
     q, k, v, g, decay_q, decay_k, decay_state = _load_chunk(
@@ -180,7 +195,7 @@ def _backward_kernel(
   chunk = st.chunk
   num_chunks = q_ref.shape[0] // chunk
   refs = (q_ref, k_ref, v_ref, g_ref)
-  dot = functools.partial(triton.dot, dtype=st.operand_dtype)
+  dot = functools.partial(common.dot, dtype=st.operand_dtype)
 
   def d_out_of(n):
     return d_out_ref[pl.ds(pl.multiple_of(n * chunk, chunk), chunk), :]
@@ -340,7 +355,7 @@ def linear_attention(
       channel, GLA), log of the decay (<= 0).
     initial_state: float32 `[batch, heads, key_dim, value_dim]`.
     causal: False: every token reads the final state (bidirectional).
-    block_sizes: tiles and launch parameters (default `BlockSizes()`); the sequence is
+    block_sizes: tiles and launch parameters (default `default_block_sizes`); the sequence is
       zero-padded to a multiple of the chunk, head dims to powers of two >= 16.
     interpret: run the kernels in the Pallas interpreter (any backend, e.g. CPU).
 
@@ -348,8 +363,9 @@ def linear_attention(
     (`out [batch, seq, heads, value_dim]`, `final_state [batch, heads, key_dim, value_dim]`),
     float32.
   """
-  block_sizes = block_sizes or BlockSizes()
   check_shapes(q, k, v, log_decay, initial_state)
+  block_sizes = block_sizes or default_block_sizes(q.shape[3], q.dtype)
+  triton.check_head_dims(interpret=interpret, key_dim=q.shape[3], value_dim=v.shape[3])
   batch, seq, heads, key_dim = q.shape
   kv_heads, value_dim = k.shape[2], v.shape[3]
   chunk = block_sizes.chunk

@@ -16,8 +16,9 @@ reverse carrying dS' (see `tpu.py` for its equations). Gradients that sum over v
 
 Triton needs power-of-two tiles of at least 16 (`tl.dot`), so C, key_dim and value_dim are
 zero-padded to powers of two >= 16: a zero row of every operand reads and writes nothing, zero
-key channels keep zero state rows, and the padding is sliced off. float32 operands use IEEE
-float32 matmuls (TF32 would miss the 1e-4 float32 tolerance); 16-bit operands feed bfloat16
+key channels keep zero state rows, and the padding is sliced off. float32 operands follow
+`jax.default_matmul_precision` (TF32 by default on hardware, IEEE under "highest", which the
+1e-4 float32 tolerance needs); 16-bit operands feed bfloat16
 matmul operands with float32 accumulation.
 """
 
@@ -85,7 +86,7 @@ def _forward_kernel(query_state_ref, w_ref, u_ref, k_end_ref, end_decay_ref, ini
                     *rest, st, save_states):  # fmt: skip
   states_ref = rest[0] if save_states else None
   final_ref = rest[-1]
-  dot = functools.partial(triton.dot, dtype=st.operand_dtype)
+  dot = functools.partial(common.dot, dtype=st.operand_dtype)
   key_dim = w_ref.shape[1]
 
   def step(n, state):
@@ -104,7 +105,7 @@ def _backward_kernel(
   query_state_ref, w_ref, u_ref, k_end_ref, end_decay_ref, states_ref, d_out_ref, d_final_ref,
   dq_ref, dw_ref, du_ref, dk_ref, de_ref, d_init_ref, *, st,
 ):  # fmt: skip
-  dot = functools.partial(triton.dot, dtype=st.operand_dtype)
+  dot = functools.partial(common.dot, dtype=st.operand_dtype)
   key_dim = w_ref.shape[1]
   num_chunks = w_ref.shape[0] // st.chunk
 
@@ -221,6 +222,7 @@ def state_pass(
   `block_sizes`: launch parameters, default `BlockSizes()`)."""
   block_sizes = block_sizes or BlockSizes()
   check_shapes(query_state, w, u, k_end, end_decay, initial_state)
+  triton.check_head_dims(interpret=interpret, key_dim=w.shape[4], value_dim=u.shape[4])
   batch, heads, num_chunks, chunk, key_dim = w.shape
   value_dim = u.shape[4]
   chunk_pad = common.next_power_of_two(chunk, at_least=MIN_DOT)

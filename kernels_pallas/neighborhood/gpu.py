@@ -20,8 +20,9 @@ and saves the log-sum-exp. Backward: a dq kernel over the same lists, and a dk/d
 one program per (batch, kv head, key tile) walking the transposed list (the query tiles whose
 neighborhoods reach that key tile: the inverse neighborhood) for each query head of its GQA
 group, so K/V are never repeated. Probabilities are recomputed from the saved lse. Dots
-accumulate in float32; float32 inputs use IEEE dots (not TF32) so the kernel meets the float32
-tolerances, bfloat16 inputs use bf16 tensor-core dots.
+take the input dtype's operands (bf16/f16 tensor cores) and accumulate in float32; float32
+inputs follow `jax.default_matmul_precision` (TF32 by default on hardware, IEEE under
+"highest", which the float32 tolerances need).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas import common
+from kernels_pallas import common, triton
 from kernels_pallas.neighborhood.common import NN, NT, TN, TileSchedule, check_call
 from kernels_pallas.triton import MIN_DOT, triton_call, whole
 
@@ -102,10 +103,9 @@ class _Static:
 
 
 def _dot(a, b, dims):
-  # HIGHEST: IEEE float32 dots (Triton's default for float32 is TF32); no effect on bf16.
-  return lax.dot_general(
-    a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
-  )
+  """`a . b` on the input dtype's tensor cores, float32 accumulation; float32 operands follow
+  `jax.default_matmul_precision` (TF32 by default on hardware, IEEE under "highest")."""
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def _tile_rows(st, tile_index):
@@ -329,6 +329,7 @@ def tile_sparse_attention(
   and `num_stages` the software-pipelining depth of the loop over tiles.
   """
   check_call(q, k, v, schedule)
+  triton.check_head_dims(interpret=interpret, head_dim=q.shape[-1], value_dim=v.shape[-1])
   rows = schedule.tile_size
   smallest = 1 if interpret else MIN_DOT
   if not common.is_power_of_two(rows) or rows < smallest:

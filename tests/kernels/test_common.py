@@ -28,22 +28,23 @@ def test_powers_of_two():
 
 
 @pytest.mark.parametrize(
-  "backend, tpu_compiler, gpu_plugin, kernels",
+  "backend, tpu_compiler, gpu_compiler, kernels",
   [
     ("cpu", False, False, ()),
     ("cpu", True, False, ("tpu",)),
     ("cpu", True, True, ("tpu", "gpu")),
+    ("cpu", False, True, ("gpu",)),
     ("tpu", False, False, ("tpu",)),
     ("cuda", False, False, ("gpu",)),
     ("rocm", False, False, ("gpu",)),
   ],
 )
 def test_compilable_kernels_follow_backend_and_compile_only_devices(
-  monkeypatch, backend, tpu_compiler, gpu_plugin, kernels
+  monkeypatch, backend, tpu_compiler, gpu_compiler, kernels
 ):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   monkeypatch.setattr(common, "_tpu_compiler_initialized", lambda: tpu_compiler)
-  monkeypatch.setattr(common, "_gpu_plugin_installed", lambda: gpu_plugin)
+  monkeypatch.setattr(common, "_gpu_compiler_initialized", lambda: gpu_compiler)
   assert common.compilable_kernels() == kernels
 
 
