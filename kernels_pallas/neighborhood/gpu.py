@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas import common, triton
-from kernels_pallas.neighborhood.common import NN, NT, TN, TileSchedule, check_call
+from kernels_pallas.neighborhood.common import TileSchedule, check_call
 from kernels_pallas.triton import MIN_DOT, triton_call, whole
 
 
@@ -102,12 +102,6 @@ class _Static:
 # Kernel bodies.
 
 
-def _dot(a, b, dims):
-  """`a . b` on the input dtype's tensor cores, float32 accumulation; float32 operands follow
-  `jax.default_matmul_precision` (TF32 by default on hardware, IEEE under "highest")."""
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
 def _tile_rows(st, tile_index):
   """The `T` rows of tile `tile_index` along the sequence axis of a whole-sequence ref."""
   return pl.ds(pl.multiple_of(tile_index * st.rows, st.rows), st.rows)
@@ -115,10 +109,10 @@ def _tile_rows(st, tile_index):
 
 def _probs_and_dlogits(st, q, k, v, d_out, allowed, lse, delta):
   """Recomputed probabilities and logit gradients (times scale), both `[Tq, Tk]` float32."""
-  logits = _dot(q, k, NT) * st.scale
+  logits = common.dot(q, k, dtype=k.dtype, transpose_b=True) * st.scale
   safe_lse = jnp.where(lse == -jnp.inf, 0.0, lse)
   probs = jnp.where(allowed, jnp.exp(logits - safe_lse[:, None]), 0.0)
-  d_probs = _dot(d_out, v, NT)
+  d_probs = common.dot(d_out, v, dtype=v.dtype, transpose_b=True)
   return probs, probs * (d_probs - delta[:, None]) * st.scale
 
 
@@ -133,13 +127,17 @@ def _forward_kernel(
     acc, row_max, row_sum = carry
     kv_rows = _tile_rows(st, kv_tiles_ref[i, s])
     allowed = masks_ref[mask_ids_ref[i, s]] != 0
-    logits = jnp.where(allowed, _dot(q, k_ref[kv_rows, :], NT) * st.scale, -jnp.inf)
+    logits = jnp.where(
+      allowed,
+      common.dot(q, k_ref[kv_rows, :], dtype=q.dtype, transpose_b=True) * st.scale,
+      -jnp.inf,
+    )
     new_max = jnp.maximum(row_max, logits.max(axis=1))
     shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
     probs = jnp.exp(logits - shift[:, None])
     correction = jnp.exp(row_max - shift)
     v = v_ref[kv_rows, :]
-    acc = acc * correction[:, None] + _dot(probs.astype(v.dtype), v, NN)
+    acc = acc * correction[:, None] + common.dot(probs, v, dtype=v.dtype)
     return acc, new_max, row_sum * correction + probs.sum(axis=1)
 
   init = (
@@ -166,7 +164,7 @@ def _dq_kernel(
     allowed = masks_ref[mask_ids_ref[i, s]] != 0
     k = k_ref[kv_rows, :]
     _, d_logits = _probs_and_dlogits(st, q, k, v_ref[kv_rows, :], d_out, allowed, lse, delta)
-    return dq + _dot(d_logits.astype(k.dtype), k, NN)
+    return dq + common.dot(d_logits, k, dtype=k.dtype)
 
   dq = lax.fori_loop(0, kv_counts_ref[i], step, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -188,8 +186,8 @@ def _dkv_kernel(
       probs, d_logits = _probs_and_dlogits(
         st, q, k, v, d_out, allowed, lse_ref[g, q_rows], delta_ref[g, q_rows]
       )
-      dv = dv + _dot(probs.astype(d_out.dtype), d_out, TN)
-      dk = dk + _dot(d_logits.astype(q.dtype), q, TN)
+      dv = dv + common.dot(probs, d_out, dtype=d_out.dtype, transpose_a=True)
+      dk = dk + common.dot(d_logits, q, dtype=q.dtype, transpose_a=True)
       return dk, dv
 
     return lax.fori_loop(0, q_counts_ref[j], step, carry)
