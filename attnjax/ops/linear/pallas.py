@@ -32,7 +32,7 @@ def linear_attention(
   if common.check_kernel(kernel) == "gpu":
     # Triton tiles are powers of two (>= 16): round the chunk up (the function does not change).
     chunk = common.next_power_of_two(chunk_size, at_least=triton.MIN_DOT)
-    module, block_sizes = gpu, gpu.default_block_sizes(q.shape[3], q.dtype, chunk)
+    module, block_sizes = gpu, gpu.default_block_sizes(q.shape[3], chunk)
   else:
     # At least tpu.MIN_CHUNK tokens (the MXU's width), in whole sublanes.
     chunk = -(-max(chunk_size, tpu.MIN_CHUNK) // tpu.CHUNK_MULTIPLE) * tpu.CHUNK_MULTIPLE
