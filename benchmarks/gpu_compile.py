@@ -180,6 +180,14 @@ def main(argv=None):
   selected = [c for c in selected if args.match in c.label]
   work = [(c.label, g) for c in selected for g in gpus]
   print(f"{len(work)} compiles ({len(selected)} cases x {len(gpus)} GPUs)")
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  kept = []
+  if args.update and out.with_suffix(".json").exists():
+    fresh = set(work)
+    kept = [Result(**r) for r in json.loads(out.with_suffix(".json").read_text())["results"]]
+    kept = [r for r in kept if (r.label, r.gpu) not in fresh]
+    gpus = list(dict.fromkeys([*gpus, *(r.gpu for r in kept)]))
   results = []
   with concurrent.futures.ProcessPoolExecutor(
     args.jobs, mp_context=multiprocessing.get_context("spawn")
@@ -188,24 +196,25 @@ def main(argv=None):
       status = "ok" if result.ok else result.error
       print(f"{result.gpu:5s} {result.label:64s} {result.seconds:6.1f}s {status}", flush=True)
       results.append(result)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  if args.update and out.with_suffix(".json").exists():
-    fresh = {(r.label, r.gpu) for r in results}
-    kept = [Result(**r) for r in json.loads(out.with_suffix(".json").read_text())["results"]]
-    results = [r for r in kept if (r.label, r.gpu) not in fresh] + results
-    order = {c.label: i for i, c in enumerate(cases())}
-    results.sort(key=lambda r: order.get(r.label, len(order)))
-    gpus = list(dict.fromkeys([*gpus, *(r.gpu for r in kept)]))
+      _write(out, kept + results, gpus)  # a long run that is stopped keeps what it compiled
+  print(markdown(_ordered(kept + results), gpus))
+  failed = sum(not r.ok for r in results)
+  print(f"{len(results) - failed}/{len(results)} compiled; table in {out.with_suffix('.md')}")
+  return 1 if failed else 0
+
+
+def _ordered(results: list[Result]) -> list[Result]:
+  order = {c.label: i for i, c in enumerate(cases())}
+  return sorted(results, key=lambda r: order.get(r.label, len(order)))
+
+
+def _write(out: pathlib.Path, results: list[Result], gpus: list[str]) -> None:
+  results = _ordered(results)
   out.with_suffix(".md").write_text(markdown(results, gpus))
   meta = {"jax": jax.__version__, "cuda_plugin": _plugin_version(), "ptxas": aot.ptxas_path()}
   out.with_suffix(".json").write_text(
     json.dumps({"meta": meta, "results": [dataclasses.asdict(r) for r in results]}, indent=1)
   )
-  print(markdown(results, gpus))
-  failed = sum(not r.ok for r in results)
-  print(f"{len(results) - failed}/{len(results)} compiled; table in {out.with_suffix('.md')}")
-  return 1 if failed else 0
 
 
 def _plugin_version() -> str:
