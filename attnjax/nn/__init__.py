@@ -5,6 +5,7 @@ from attnjax.nn.generate import generate, sample_logits
 from attnjax.nn.lm import Block, DecoderLM, parse_layer_pattern
 from attnjax.nn.mlp import SwiGLU
 from attnjax.nn.norm import RMSNorm
+from attnjax.nn.recycled import RecycledAttention
 from attnjax.nn.rope import apply_rope
 from attnjax.nn.streaming import StreamingLLM
 
@@ -13,6 +14,7 @@ __all__ = [
   "Block",
   "DecoderLM",
   "RMSNorm",
+  "RecycledAttention",
   "StreamingLLM",
   "SwiGLU",
   "apply_rope",

@@ -14,7 +14,7 @@ from flax import nnx
 
 from attnjax import registry
 from attnjax.nn import cache as cache_lib
-from attnjax.nn import streaming
+from attnjax.nn import recycled, streaming
 from attnjax.nn.norm import RMSNorm
 from attnjax.nn.params import fan_in_init, param
 from attnjax.nn.rope import apply_rope
@@ -167,17 +167,23 @@ class Attention(nnx.Module):
 
     `rows` is `max_len`, or the mask's lookback when smaller (a sliding window's or chunk's
     past keys): then the cache is a ring buffer, row `p % rows` holding position `p`.
-    `policy`: a cache policy (`streaming.StreamingLLM`: sinks and a recent window) instead.
+    `policy`: a cache policy instead (`streaming.StreamingLLM`: sinks and a recent window;
+    `recycled.RecycledAttention`: every key, attended in full only every few steps).
     """
     self._check_decodes()
     _, kv_heads, head_dim = self.k.shape
     mask = self._keywords().get("mask")
     if policy is not None:
-      if not isinstance(policy, streaming.StreamingLLM):
-        raise ValueError(f"policy must be a StreamingLLM or None, got policy={policy!r}")
+      if not isinstance(policy, streaming.StreamingLLM | recycled.RecycledAttention):
+        raise ValueError(
+          f"policy must be a StreamingLLM, a RecycledAttention or None, got policy={policy!r}"
+        )
       if mask is None:
         raise ValueError(f"variant {self.variant!r} has no mask a cache policy can restrict")
-      return streaming.init_cache(policy, batch, kv_heads, head_dim, dtype)
+      if isinstance(policy, streaming.StreamingLLM):
+        return streaming.init_cache(policy, batch, kv_heads, head_dim, dtype)
+      heads = self.q.shape[1]
+      return recycled.init_cache(policy, batch, max_len, heads, kv_heads, head_dim, dtype)
     return cache_lib.key_value_cache(mask, batch, max_len, kv_heads, head_dim, dtype)
 
   def decode(self, x: jax.Array, cache: dict, position: jax.Array) -> tuple[jax.Array, dict]:
@@ -196,5 +202,7 @@ class Attention(nnx.Module):
     if streaming.is_streaming(cache):
       rope_base = self.rope_base if self.use_rope else None
       return streaming.attend(q, k, v, cache, position, keywords=keywords, rope_base=rope_base)
+    if recycled.is_recycled(cache):
+      return recycled.attend(q, k, v, cache, position, keywords=keywords)
     attention = registry.get(self.variant).cached or cached.cached_attention
     return cache_lib.attend_and_store(q, k, v, cache, position, attention, keywords)

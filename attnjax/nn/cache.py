@@ -89,9 +89,11 @@ def logical_specs(cache) -> Any:
   """The logical axes of every array of a `DecoderLM` cache, as `PartitionSpec`s of names.
 
   Keys and values `("batch", None, "kv_heads", "head_dim")`, recurrent states
-  `("batch", "heads", None, ...)`, short-convolution inputs `("batch", None, None)`, the
-  position and length `()`. Map them to mesh axes with the model's rules
-  (`attnjax.training.sharding.tree_shardings`) to shard a cache like the model.
+  `("batch", "heads", None, ...)`, short-convolution inputs `("batch", None, None)`,
+  `RecycledAttention`'s kept positions `("batch", "kv_heads", None)` and last full-step
+  queries `("batch", "heads", None)`, the position and length `()`. Map them to mesh axes
+  with the model's rules (`attnjax.training.sharding.tree_shardings`) to shard a cache like
+  the model.
   """
 
   def spec(path, x):
@@ -100,8 +102,10 @@ def logical_specs(cache) -> Any:
       return PartitionSpec("batch", None, "kv_heads", "head_dim")
     if "conv" in keys:
       return PartitionSpec("batch", None, None)
-    if "state" in keys:
+    if "state" in keys or "full_query" in keys:
       return PartitionSpec("batch", "heads", *([None] * (x.ndim - 2)))
+    if "selected" in keys:
+      return PartitionSpec("batch", "kv_heads", None)
     return PartitionSpec()
 
   return jax.tree_util.tree_map_with_path(spec, cache)

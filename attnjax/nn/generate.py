@@ -71,7 +71,8 @@ def generate(
     temperature, top_k, top_p: see `sample_logits`; temperature 0 is greedy.
     rng: a PRNG key, needed when temperature > 0.
     cache_dtype: dtype of softmax layers' keys and values (None: the model's).
-    cache_policy: what softmax layers keep (`attnjax.nn.StreamingLLM`; None: every position).
+    cache_policy: what softmax layers keep and attend to (`attnjax.nn.StreamingLLM`,
+      `attnjax.nn.RecycledAttention`; None: every position).
 
   Returns:
     int32 `[batch, p + max_new_tokens]`.

@@ -164,8 +164,9 @@ class DecoderLM(nnx.Module):
     `decode`; softmax layers preallocate keys and values `[batch_size, max_len, kv_heads,
     head_dim]` in `dtype` (None: the model's activation dtype; windows keep a ring of their
     lookback), recurrent layers their state (None until the first `decode`). `policy`: what
-    softmax layers keep instead of every position (`attnjax.nn.StreamingLLM`: attention sinks
-    and a recent window, for streams longer than the training length).
+    softmax layers keep and attend to instead of every position (`attnjax.nn.StreamingLLM`:
+    attention sinks and a recent window, for streams longer than the training length;
+    `attnjax.nn.RecycledAttention`: the whole cache only every few steps).
 
     Raises:
       ValueError: for a layer whose variant cannot decode (naming it), or bad sizes.
@@ -205,7 +206,7 @@ class DecoderLM(nnx.Module):
     """
     if tokens.ndim != 2 or tokens.shape[1] < 1:
       raise ValueError(f"tokens must be [batch, n] with n >= 1, got shape {tokens.shape}")
-    batches = {x.shape[0] for x in jax.tree.leaves(cache["layers"])}
+    batches = {x.shape[0] for x in jax.tree.leaves(cache["layers"]) if x.ndim}
     if batches - {tokens.shape[0]}:
       raise ValueError(
         f"tokens have batch {tokens.shape[0]} but the cache holds batch {sorted(batches)}"

@@ -58,10 +58,7 @@ def attend_allowed(
   kv_len]`.
   """
   s = shape
-  qf = q.astype(jnp.float32).reshape(s.batch, s.q_len, s.kv_heads, s.groups, s.head_dim)
-  logits = jnp.einsum("bqhgd,bkhd->bhgqk", qf, k.astype(jnp.float32)) * scale
-  if softcap is not None:
-    logits = softcap * jnp.tanh(logits / softcap)
+  logits = scaled_logits(q, k, shape=shape, scale=scale, softcap=softcap)
   allowed = jnp.broadcast_to(allowed, logits.shape)
   logits = jnp.where(allowed, logits, -jnp.inf)
   row_max = logits.max(-1)
@@ -81,3 +78,14 @@ def attend_allowed(
   out = out.reshape(s.batch, s.q_len, s.heads, s.value_dim).astype(q.dtype)
   lse = lse.reshape(s.batch, s.heads, s.q_len).transpose(0, 2, 1)
   return out, lse
+
+
+def scaled_logits(q, k, *, shape: QKVShape, scale: float, softcap: float | None) -> jax.Array:
+  """Float32 logits `[batch, kv_heads, groups, q_len, kv_len]`: `scale * q . k`, soft-capped
+  to `softcap * tanh(logit / softcap)` when `softcap` is set."""
+  s = shape
+  qf = q.astype(jnp.float32).reshape(s.batch, s.q_len, s.kv_heads, s.groups, s.head_dim)
+  logits = jnp.einsum("bqhgd,bkhd->bhgqk", qf, k.astype(jnp.float32)) * scale
+  if softcap is not None:
+    logits = softcap * jnp.tanh(logits / softcap)
+  return logits
