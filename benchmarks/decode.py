@@ -11,7 +11,9 @@ states rather than prefilled. Cache bytes are those of the arrays `init_cache` a
 `context + 1` tokens (recurrent states: their size after the first token). Softmax caches
 grow with the context and its step reads them all; sliding-window caches keep a ring of the
 window; linear-family and delta-rule caches are a constant state; `streaming` is the softmax
-model under the StreamingLLM policy (4 sinks + 508 recent tokens: 512 rows per layer). Results:
+model under the StreamingLLM policy (4 sinks + 508 recent tokens: 512 rows per layer);
+`recycled` is it under RecycledAttention (stride 10, top 256 keys per kv head): its time per
+token is the mean over a stride of 9 recycled steps and one full step, both timed. Results:
 `benchmarks/results/decode.json` and `decode.png`; a run of some `--variants` keeps the other
 variants' records.
 """
@@ -41,9 +43,13 @@ VARIANTS = {
   "based": {},
   "gated_deltanet": {},
   "streaming": {},
+  "recycled": {},
 }
 # Arms that are a cache policy on another variant's model: name -> (variant, policy).
-POLICIES = {"streaming": ("softmax", nn.StreamingLLM(sink_tokens=4, window=508))}
+POLICIES = {
+  "streaming": ("softmax", nn.StreamingLLM(sink_tokens=4, window=508)),
+  "recycled": ("softmax", nn.RecycledAttention(stride=10, top_k=256)),
+}
 EMBED, HEADS, DEPTH = 256, 4, 2
 
 
@@ -66,27 +72,57 @@ def filled_cache(lm: nn.DecoderLM, context: int, policy=None) -> dict:
   def random_like(x):
     return jax.random.normal(next(keys), x.shape, jnp.float32).astype(x.dtype) * 0.1
 
-  return {**cache, "layers": jax.tree.map(random_like, cache["layers"]),
-          "position": jnp.asarray(context, jnp.int32)}  # fmt: skip
+  layers = jax.tree.map(random_like, cache["layers"])
+  if isinstance(policy, nn.RecycledAttention):  # kept positions, the last full step just before
+    layers = tuple(
+      {**layer, "full_at": jnp.asarray(context - 1, jnp.int32),
+       "selected": jax.random.randint(jax.random.key(i), layer["selected"].shape, 0, context)}
+      for i, layer in enumerate(layers)
+    )  # fmt: skip
+  return {**cache, "layers": layers, "position": jnp.asarray(context, jnp.int32)}
+
+
+def rewound(cache: dict, context: int, full_at: int | None = None) -> dict:
+  """`cache` at `context` tokens again (and a RecycledAttention cache's last full step at
+  `full_at`: `context - 1` makes the next step recycled, -1 full)."""
+  layers = cache["layers"]
+  if full_at is not None:
+    layers = tuple({**layer, "full_at": jnp.asarray(full_at, jnp.int32)} for layer in layers)
+  return {**cache, "layers": layers, "position": jnp.asarray(context, jnp.int32)}
 
 
 def measure(name: str, context: int, repeats: int) -> dict:
   lm = model(name)
   graphdef, params = nnx.split(lm)
-  step = jax.jit(lambda params, cache, token: nnx.merge(graphdef, params).decode(token, cache))
-  cache = filled_cache(lm, context, POLICIES.get(name, (None, None))[1])
-  token = jnp.zeros((1, 1), jnp.int32)
-  jax.block_until_ready(step(params, cache, token))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(step(params, cache, token))
-    times.append(time.perf_counter() - start)
+  # The cache is donated and updated in place, as `generate` does.
+  step = jax.jit(
+    lambda params, cache, token: nnx.merge(graphdef, params).decode(token, cache),
+    donate_argnums=1,
+  )
+  policy = POLICIES.get(name, (None, None))[1]
+  cache = filled_cache(lm, context, policy)
   cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache["layers"]))
-  seconds = statistics.median(times)
-  return {
-    "variant": name,
-    "context": context,
+  token = jnp.zeros((1, 1), jnp.int32)
+
+  def median_step(cache, full_at=None):
+    """Median time of a step from `context` tokens; returns it and the cache."""
+    times = []
+    for i in range(repeats + 1):  # the first compiles
+      cache = rewound(cache, context, full_at)
+      start = time.perf_counter()
+      _, cache = jax.block_until_ready(step(params, cache, token))
+      times.append(time.perf_counter() - start) if i else None
+    return statistics.median(times), cache
+
+  record = {"variant": name, "context": context}
+  if isinstance(policy, nn.RecycledAttention):  # per token over a stride: one full step
+    recycled, cache = median_step(cache, full_at=context - 1)
+    full, cache = median_step(cache, full_at=-1)
+    record |= {"recycled_step_s": recycled, "full_step_s": full}
+    seconds = ((policy.stride - 1) * recycled + full) / policy.stride
+  else:
+    seconds, cache = median_step(cache)
+  return record | {
     "seconds_per_token": seconds,
     "tokens_per_s": 1 / seconds,
     "cache_bytes": cache_bytes,
