@@ -13,7 +13,8 @@ grow with the context and its step reads them all; sliding-window caches keep a 
 window; linear-family and delta-rule caches are a constant state; `streaming` is the softmax
 model under the StreamingLLM policy (4 sinks + 508 recent tokens: 512 rows per layer);
 `recycled` is it under RecycledAttention (stride 10, top 256 keys per kv head): its time per
-token is the mean over a stride of 9 recycled steps and one full step, both timed. Results:
+token is the mean over a stride of 9 recycled steps and one full step, both timed; `tidal` is it
+under TidalDecode (layer 0 selects 256 positions, layer 1 attends to them). Results:
 `benchmarks/results/decode.json` and `decode.png`; a run of some `--variants` keeps the other
 variants' records.
 """
@@ -44,11 +45,13 @@ VARIANTS = {
   "gated_deltanet": {},
   "streaming": {},
   "recycled": {},
+  "tidal": {},
 }
 # Arms that are a cache policy on another variant's model: name -> (variant, policy).
 POLICIES = {
   "streaming": ("softmax", nn.StreamingLLM(sink_tokens=4, window=508)),
   "recycled": ("softmax", nn.RecycledAttention(stride=10, top_k=256)),
+  "tidal": ("softmax", nn.TidalDecode(top_k=256, selection_layers=(0,))),
 }
 EMBED, HEADS, DEPTH = 256, 4, 2
 

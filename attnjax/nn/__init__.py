@@ -8,6 +8,7 @@ from attnjax.nn.norm import RMSNorm
 from attnjax.nn.recycled import RecycledAttention
 from attnjax.nn.rope import apply_rope
 from attnjax.nn.streaming import StreamingLLM
+from attnjax.nn.tidal import TidalDecode
 
 __all__ = [
   "Attention",
@@ -17,6 +18,7 @@ __all__ = [
   "RecycledAttention",
   "StreamingLLM",
   "SwiGLU",
+  "TidalDecode",
   "apply_rope",
   "generate",
   "parse_layer_pattern",

@@ -14,7 +14,7 @@ from flax import nnx
 
 from attnjax import registry
 from attnjax.nn import cache as cache_lib
-from attnjax.nn import recycled, streaming
+from attnjax.nn import recycled, streaming, tidal
 from attnjax.nn.norm import RMSNorm
 from attnjax.nn.params import fan_in_init, param
 from attnjax.nn.rope import apply_rope
@@ -168,20 +168,30 @@ class Attention(nnx.Module):
     `rows` is `max_len`, or the mask's lookback when smaller (a sliding window's or chunk's
     past keys): then the cache is a ring buffer, row `p % rows` holding position `p`.
     `policy`: a cache policy instead (`streaming.StreamingLLM`: sinks and a recent window;
-    `recycled.RecycledAttention`: every key, attended in full only every few steps).
+    `recycled.RecycledAttention`: every key, attended in full only every few steps;
+    `tidal.LayerRole`: this layer's part in `tidal.TidalDecode`).
     """
     self._check_decodes()
     _, kv_heads, head_dim = self.k.shape
     mask = self._keywords().get("mask")
     if policy is not None:
-      if not isinstance(policy, streaming.StreamingLLM | recycled.RecycledAttention):
+      if isinstance(policy, tidal.TidalDecode):
         raise ValueError(
-          f"policy must be a StreamingLLM, a RecycledAttention or None, got policy={policy!r}"
+          "TidalDecode chooses positions in some layers for the next ones: give it to "
+          "DecoderLM.init_cache, which gives each softmax layer its tidal.LayerRole"
+        )
+      policies = streaming.StreamingLLM | recycled.RecycledAttention | tidal.LayerRole
+      if not isinstance(policy, policies):
+        raise ValueError(
+          "policy must be a StreamingLLM, a RecycledAttention, a tidal.LayerRole or None, got "
+          f"policy={policy!r}"
         )
       if mask is None:
         raise ValueError(f"variant {self.variant!r} has no mask a cache policy can restrict")
       if isinstance(policy, streaming.StreamingLLM):
         return streaming.init_cache(policy, batch, kv_heads, head_dim, dtype)
+      if isinstance(policy, tidal.LayerRole):
+        return tidal.init_cache(policy, batch, max_len, kv_heads, head_dim, dtype)
       heads = self.q.shape[1]
       return recycled.init_cache(policy, batch, max_len, heads, kv_heads, head_dim, dtype)
     return cache_lib.key_value_cache(mask, batch, max_len, kv_heads, head_dim, dtype)
@@ -204,5 +214,7 @@ class Attention(nnx.Module):
       return streaming.attend(q, k, v, cache, position, keywords=keywords, rope_base=rope_base)
     if recycled.is_recycled(cache):
       return recycled.attend(q, k, v, cache, position, keywords=keywords)
+    if tidal.is_tidal(cache):
+      return tidal.attend(q, k, v, cache, position, keywords=keywords)
     attention = registry.get(self.variant).cached or cached.cached_attention
     return cache_lib.attend_and_store(q, k, v, cache, position, attention, keywords)

@@ -91,9 +91,9 @@ def logical_specs(cache) -> Any:
   Keys and values `("batch", None, "kv_heads", "head_dim")`, recurrent states
   `("batch", "heads", None, ...)`, short-convolution inputs `("batch", None, None)`,
   `RecycledAttention`'s kept positions `("batch", "kv_heads", None)` and last full-step
-  queries `("batch", "heads", None)`, the position and length `()`. Map them to mesh axes
-  with the model's rules (`attnjax.training.sharding.tree_shardings`) to shard a cache like
-  the model.
+  queries `("batch", "heads", None)`, `TidalDecode`'s chosen positions `("batch", None)`, the
+  position and length `()`. Map them to mesh axes with the model's rules
+  (`attnjax.training.sharding.tree_shardings`) to shard a cache like the model.
   """
 
   def spec(path, x):
@@ -106,6 +106,8 @@ def logical_specs(cache) -> Any:
       return PartitionSpec("batch", "heads", *([None] * (x.ndim - 2)))
     if "selected" in keys:
       return PartitionSpec("batch", "kv_heads", None)
+    if "chosen" in keys:
+      return PartitionSpec("batch", None)
     return PartitionSpec()
 
   return jax.tree_util.tree_map_with_path(spec, cache)

@@ -72,7 +72,7 @@ def generate(
     rng: a PRNG key, needed when temperature > 0.
     cache_dtype: dtype of softmax layers' keys and values (None: the model's).
     cache_policy: what softmax layers keep and attend to (`attnjax.nn.StreamingLLM`,
-      `attnjax.nn.RecycledAttention`; None: every position).
+      `attnjax.nn.RecycledAttention`, `attnjax.nn.TidalDecode`; None: every position).
 
   Returns:
     int32 `[batch, p + max_new_tokens]`.

@@ -17,6 +17,7 @@ from flax import nnx
 
 from attnjax import registry
 from attnjax.nn import cache as cache_lib
+from attnjax.nn import tidal
 from attnjax.nn.attention import Attention
 from attnjax.nn.mlp import SwiGLU
 from attnjax.nn.norm import RMSNorm
@@ -166,7 +167,8 @@ class DecoderLM(nnx.Module):
     lookback), recurrent layers their state (None until the first `decode`). `policy`: what
     softmax layers keep and attend to instead of every position (`attnjax.nn.StreamingLLM`:
     attention sinks and a recent window, for streams longer than the training length;
-    `attnjax.nn.RecycledAttention`: the whole cache only every few steps).
+    `attnjax.nn.RecycledAttention`: the whole cache only every few steps;
+    `attnjax.nn.TidalDecode`: positions chosen in a few layers, attended by the later ones).
 
     Raises:
       ValueError: for a layer whose variant cannot decode (naming it), or bad sizes.
@@ -176,11 +178,14 @@ class DecoderLM(nnx.Module):
         raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
     dtype = self.dtype if dtype is None else dtype
     layers = []
-    for name, block in zip(self.layer_names, self.blocks, strict=True):
+    policies = [policy] * len(self.blocks)
+    if isinstance(policy, tidal.TidalDecode):
+      policies = list(policy.layer_roles(len(self.blocks)))
+    for name, block, layer_policy in zip(self.layer_names, self.blocks, policies, strict=True):
       if not hasattr(block.mixer, "init_cache"):
         raise cache_lib.no_cache(name)
-      if policy is not None and isinstance(block.mixer, Attention):
-        layers.append(block.mixer.init_cache(batch_size, max_len, dtype, policy))
+      if layer_policy is not None and isinstance(block.mixer, Attention):
+        layers.append(block.mixer.init_cache(batch_size, max_len, dtype, layer_policy))
       else:
         layers.append(block.mixer.init_cache(batch_size, max_len, dtype))
     return {
@@ -222,9 +227,13 @@ class DecoderLM(nnx.Module):
           f"cache's max_len={cache['max_len']}"
         )
     x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-    layers = []
+    layers, chosen = [], None  # TidalDecode: the latest selection layer's positions
     for block, layer_cache in zip(self.blocks, cache["layers"], strict=True):
+      if tidal.is_tidal(layer_cache) and chosen is not None:
+        layer_cache = {**layer_cache, "chosen": chosen}
       x, layer_cache = block.decode(x, layer_cache, position)
+      if tidal.is_tidal(layer_cache) and layer_cache["policy"].role == "select":
+        chosen = layer_cache["chosen"]
       layers.append(layer_cache)
     logits = self._logits(self.final_norm(x))
     cache = {**cache, "layers": tuple(layers), "position": position + tokens.shape[1]}

@@ -22,9 +22,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from attnjax import masks as masks_lib
-from attnjax.ops.qkv import check_qkv, resolve_scale
-from attnjax.ops.softmax import cached, reference
+from attnjax.nn import key_selection
+from attnjax.ops.qkv import resolve_scale
+from attnjax.ops.softmax import cached
 
 
 @jax.tree_util.register_static
@@ -82,10 +82,7 @@ def attend(q, k, v, cache: dict, position, *, keywords: dict):
   absolute positions, scale, softcap, sinks). A chunk of several tokens is a full step."""
   policy: RecycledAttention = cache["policy"]
   n = q.shape[1]
-  keys, values = (
-    jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype), position, 1)
-    for name, new in (("k", k), ("v", v))
-  )
+  keys, values = key_selection.store(cache, k, v, position)
   keywords = {**keywords, "scale": resolve_scale(keywords.get("scale"), q.shape[3])}
   last = position + n - 1
 
@@ -93,8 +90,8 @@ def attend(q, k, v, cache: dict, position, *, keywords: dict):
     out, lse = cached.cached_attention(
       q, keys, values, q_start=position, return_lse=True, **keywords
     )
-    selected = _most_attended(
-      q[:, -1:], keys, lse[:, -1:], last, cache["selected"].shape[2], keywords
+    selected = key_selection.most_attended(
+      q[:, -1:], keys, lse[:, -1:], last, cache["selected"].shape[2], keywords, per_kv_head=True
     )
     return out, selected, last, q[:, -1].astype(jnp.float32)
 
@@ -122,35 +119,12 @@ def attend(q, k, v, cache: dict, position, *, keywords: dict):
   return out, cache
 
 
-def _mask(keywords: dict) -> masks_lib.Mask:
-  mask = keywords.get("mask")
-  return masks_lib.causal() if mask is None else mask
-
-
 def _mean_cosine(a, b) -> jax.Array:
   """Mean over batch and heads of the cosine similarity of `[batch, heads, dim]` rows."""
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   dot = jnp.sum(a * b, -1)
   norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
   return jnp.mean(dot / jnp.maximum(norms, 1e-30))
-
-
-def _most_attended(q_last, keys, lse_last, last, top_k: int, keywords: dict) -> jax.Array:
-  """Positions `[batch, kv_heads, top_k]` with the most attention of the query `q_last`
-  (`[batch, 1, heads, dim]` at position `last`) summed over each kv head's query heads; -1
-  where fewer keys were allowed."""
-  shape = check_qkv(q_last, keys, keys)
-  positions = jnp.arange(shape.kv_len, dtype=jnp.int32)
-  heads = jnp.arange(shape.heads).reshape(shape.kv_heads, shape.groups, 1)
-  allowed = (positions <= last) & _mask(keywords).on_arrays(last, positions, heads)
-  logits = reference.scaled_logits(
-    q_last, keys, shape=shape, scale=keywords["scale"], softcap=keywords.get("softcap")
-  )[:, :, :, 0]  # [batch, kv_heads, groups, kv_len]
-  lse = lse_last[:, 0].reshape(shape.batch, shape.kv_heads, shape.groups, 1)
-  probs = jnp.where(allowed, jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
-  mass = jnp.where(allowed, probs.sum(2), -1.0)  # disallowed keys rank last
-  _, top = jax.lax.top_k(mass, top_k)
-  return jnp.where(jnp.take_along_axis(mass, top, -1) >= 0, top, -1).astype(jnp.int32)
 
 
 def _attend_kept(q, keys, values, selected, full_at, position, keywords: dict, recent: int):
@@ -161,16 +135,5 @@ def _attend_kept(q, keys, values, selected, full_at, position, keywords: dict, r
   recent = jnp.where(recent <= position, recent, -1)
   kept = jnp.concatenate(
     [selected, jnp.broadcast_to(recent, (batch, kv_heads, recent.shape[0]))], axis=-1
-  )  # [batch, kv_heads, kept]
-  rows = jnp.maximum(kept, 0).transpose(0, 2, 1)[..., None]  # [batch, kept, kv_heads, 1]
-  k_kept = jnp.take_along_axis(keys, rows, axis=1)
-  v_kept = jnp.take_along_axis(values, rows, axis=1)
-  shape = check_qkv(q, k_kept, v_kept)
-  kept = kept[:, :, None, :]  # [batch, kv_heads, 1 (groups), kept]
-  heads = jnp.arange(shape.heads).reshape(1, kv_heads, shape.groups, 1)
-  allowed = (kept >= 0) & _mask(keywords).on_arrays(position, kept, heads)
-  out, _ = reference.attend_allowed(
-    q, k_kept, v_kept, allowed[:, :, :, None, :], shape=shape, scale=keywords["scale"],
-    softcap=keywords.get("softcap"), sinks=keywords.get("sinks"),
-  )  # fmt: skip
-  return out
+  )
+  return key_selection.attend_to(q, keys, values, kept, position, keywords)
