@@ -3,13 +3,14 @@
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import eval as eval_main
 import generate as generate_main
 import train
-from attnjax import data
+from attnjax import data, nn
 from attnjax.training import checkpoint, evaluate
 from attnjax.training.metrics import read_metrics
 from configs import text_lm
@@ -83,9 +84,57 @@ def test_passkey_generation_answers_are_the_models_greedy_digits(text_run):
     assert 0.0 <= exact <= per_digit <= 1.0
 
 
-def test_generate_refuses_runs_without_text(mqar_run):
+def test_generate_refuses_runs_without_text(mqar_run, text_run):
   with pytest.raises(ValueError, match="data.kind='mqar'"):
     generate_main.run(mqar_run, "x", 4)
+  with pytest.raises(ValueError, match="data.kind='text'"):
+    generate_main.answers(text_run[1])
+  with pytest.raises(ValueError, match="num_examples must be an int >= 1"):
+    generate_main.answers(mqar_run, 0)
+
+
+def test_mqar_answers_from_the_cache_are_the_models_argmax_at_the_query_keys(mqar_run):
+  restored = checkpoint.restore(mqar_run)
+  result = generate_main.answers(mqar_run, 8, seed=5)
+  task = data.MQAR(**restored.experiment.config.data.mqar)
+  rng = np.random.default_rng(5)
+  examples = [task.example(rng) for _ in result["lines"]]  # the same 8 held-out examples
+  inputs = np.stack([e["inputs"] for e in examples])
+  argmax = np.argmax(np.asarray(restored.model(jnp.asarray(inputs))), -1)  # full forward
+  right = 0
+  for line, example, predicted in zip(result["lines"], examples, argmax, strict=True):
+    queries = np.flatnonzero(example["weights"])
+    for q in queries:
+      assert f"{example['inputs'][q]}->{predicted[q]}" in line
+    right += int(np.sum(predicted[queries] == example["targets"][queries]))
+  assert (result["right"], result["total"]) == (right, 8 * task.num_pairs)
+  recycled = generate_main.answers(mqar_run, 8, seed=5, cache_policy=nn.RecycledAttention(1, 1))
+  assert recycled == result  # stride 1 attends fully at every step
+
+
+def test_passkey_answers_are_the_generated_digits(tmp_path):
+  config = tiny_config(steps=5, checkpoint_every=5)
+  config.data.kind = "passkey"
+  config.data.passkey.update(dict(seq_len=32, passkey_len=3, vocab_size=64))
+  train.run(config, str(tmp_path))
+  result = generate_main.answers(str(tmp_path), 2, seed=1)
+  model = checkpoint.restore(str(tmp_path)).model
+  rng = np.random.default_rng(1)
+  for line in result["lines"]:
+    inputs = data.Passkey(**config.data.passkey).example(rng)["inputs"]
+    got = evaluate.passkey_answers(model, inputs[None], 3)[0]
+    assert f"passkey {inputs[-3:].tolist()} -> {got.tolist()}" in line
+  assert result["total"] == 2
+
+
+def test_cache_policy_flags_parse():
+  assert generate_main.parse_cache_policy("streaming:4,252") == nn.StreamingLLM(4, 252)
+  assert generate_main.parse_cache_policy("recycled:10,256") == nn.RecycledAttention(10, 256)
+  assert generate_main.parse_cache_policy("tidal:64,2,5") == nn.TidalDecode(64, (2, 5))
+  assert generate_main.parse_cache_policy(None) is None
+  for bad in ("window:3", "streaming:4", "recycled:a,b"):
+    with pytest.raises(ValueError, match="cache_policy must be"):
+      generate_main.parse_cache_policy(bad)
 
 
 def test_eval_restores_the_saved_config_of_a_run(mqar_run, tmp_path):
