@@ -104,14 +104,17 @@ WIDE_ROW_TILE = 32
 
 
 def default_block_sizes(key_dim: int, chunk: int = BlockSizes.chunk) -> BlockSizes:
-  """`BlockSizes(chunk)`, with at most `WIDE_ROW_TILE` tokens per chunk and value columns per
-  program where a padded float32 `[C, key_dim]` row (the kernels compute on float32 tiles
-  whatever the input dtype) is wider than `triton.WIDE_ROW_BYTES`, i.e. key_dim 256: at 64 and
-  64 one program's tiles ask an A100 for more than its 163 KB of shared memory (IEEE float32)
-  or spill tens of KB of registers (bfloat16 gradient)."""
+  """`BlockSizes(chunk)` for the padded float32 `[C, key_dim]` rows (the kernels compute on
+  float32 tiles whatever the input dtype): `WIDE_ROW_TILE` value columns per program from
+  `triton.WIDE_ROW_BYTES` (key_dim 128: at 64 columns the IEEE float32 gradient asks an A100
+  for 176 KB of its 163 KB of shared memory), and at most `WIDE_ROW_TILE` tokens per chunk
+  beyond it (key_dim 256: more than an A100 has at 64 tokens, or tens of KB of spilled
+  registers in bfloat16)."""
   row_bytes = common.next_power_of_two(key_dim, at_least=MIN_DOT) * 4
   if row_bytes > triton.WIDE_ROW_BYTES:
     return BlockSizes(chunk=min(chunk, WIDE_ROW_TILE), block_value=WIDE_ROW_TILE)
+  if row_bytes == triton.WIDE_ROW_BYTES:
+    return BlockSizes(chunk=chunk, block_value=WIDE_ROW_TILE)
   return BlockSizes(chunk=chunk)
 
 

@@ -24,7 +24,9 @@ def delta_rule_attention(
 ):
   """Same arguments and function as `reference.delta_rule_attention`, plus `interpret` and
   `kernel` ("tpu": Mosaic, "gpu": Triton)."""
-  state_pass = gpu.state_pass if common.check_kernel(kernel) == "gpu" else tpu.state_pass
+  state_pass = tpu.state_pass
+  if common.check_kernel(kernel) == "gpu":
+    state_pass, chunk_size = gpu.state_pass, gpu.chunk_size(q.shape[3], chunk_size)
   batch, seq, heads, _ = q.shape
   terms = chunk.chunk_terms(q, k, v, beta, log_decay, carry, chunk_size)
   # bfloat16 inputs feed the kernel's matmuls bfloat16 operands; the state stays float32.

@@ -16,7 +16,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from attnjax.ops.neighborhood import window
 from attnjax.ops.neighborhood.blockwise import BlockSizes
-from kernels_pallas import common
+from kernels_pallas import common, triton
 from kernels_pallas.neighborhood import TileSchedule, gpu, tpu
 
 KERNELS = {"tpu": tpu.tile_sparse_attention, "gpu": gpu.tile_sparse_attention}
@@ -27,6 +27,10 @@ DEFAULT_TILES = {
   "tpu": {1: (128,), 2: (8, 16), 3: (4, 4, 8)},
   "gpu": {1: (64,), 2: (8, 8), 3: (4, 4, 4)},
 }
+# GPU rows wider than `triton.WIDE_ROW_BYTES` (head_dim 256 in float32): 32-row tiles, since
+# at 64 rows the pipelined K/V tiles ask an A100 for 217 KB of its 163 KB of shared memory
+# (an H200 for 266 KB of 227 KB).
+GPU_WIDE_ROW_TILES = {1: (32,), 2: (4, 8), 3: (2, 4, 4)}
 
 
 def attention(
@@ -69,7 +73,9 @@ def fused_attention(
   """
   common.check_kernel(kernel)
   spatial = q.shape[1:-2]
-  plan = window.tile_plan(spatial, windows, kernel_tile(kernel, spatial, windows, block_sizes))
+  row_bytes = common.next_power_of_two(max(q.shape[-1], v.shape[-1])) * q.dtype.itemsize
+  tile = kernel_tile(kernel, spatial, windows, block_sizes, row_bytes=row_bytes)
+  plan = window.tile_plan(spatial, windows, tile)
   q_rows, k_rows, v_rows = (_heads_major(window.to_tiles(x, plan)) for x in (q, k, v))
   out = KERNELS[kernel](
     q_rows, k_rows, v_rows, tile_schedule(plan), scale=scale, interpret=interpret
@@ -85,14 +91,21 @@ def kernel_tile(
   spatial: tuple[int, ...],
   windows: tuple[window.AxisWindow, ...],
   block_sizes: BlockSizes | None = None,
+  *,
+  row_bytes: int = 0,
 ) -> tuple[int, ...]:
   """The tile shape `kernel` runs for `block_sizes` (None: its default) on this geometry.
 
   TPU: rows per tile stay a multiple of 8 (sublanes) whatever the spatial sizes. GPU: every
   edge rounded up to a power of two, at least `kernels_pallas.triton.MIN_DOT` rows, over the
-  axes as the plan reorders them (dilation groups padded to whole groups).
+  axes as the plan reorders them (dilation groups padded to whole groups); by default
+  half-height tiles where a padded q/k/v row takes more than `triton.WIDE_ROW_BYTES` bytes
+  (`row_bytes`).
   """
-  blocks = block_sizes or BlockSizes(DEFAULT_TILES[kernel][len(spatial)])
+  default = DEFAULT_TILES[kernel]
+  if kernel == "gpu" and row_bytes > triton.WIDE_ROW_BYTES:
+    default = GPU_WIDE_ROW_TILES
+  blocks = block_sizes or BlockSizes(default[len(spatial)])
   if kernel == "tpu":
     return blocks.fit(spatial, last_multiple=8)
   extents = tuple(

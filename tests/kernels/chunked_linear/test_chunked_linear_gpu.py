@@ -34,6 +34,13 @@ def test_block_sizes_are_validated():
     BlockSizes(num_stages=0)
 
 
+def test_default_block_sizes_narrow_for_wide_float32_rows():
+  assert gpu.default_block_sizes(64) == BlockSizes()
+  assert gpu.default_block_sizes(100) == BlockSizes(block_value=32)  # pads to 128: 512 B
+  assert gpu.default_block_sizes(256) == BlockSizes(chunk=32, block_value=32)
+  assert gpu.default_block_sizes(256, chunk=16) == BlockSizes(chunk=16, block_value=32)
+
+
 # (chunk, sub_chunk, dtype, decay strength): 4 and 2 sub-chunks per chunk, so the off-diagonal
 # sub-chunk pairs run as matmuls; strength 16 puts the cumulative log decay of a chunk near
 # -1000, where a chunk-wide `k e^{-G}` factor would overflow float32.

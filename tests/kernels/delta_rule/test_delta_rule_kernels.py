@@ -207,6 +207,12 @@ def _walk_by_transitions(query_state, w, u, k_end, end_decay, initial_state):
   return jnp.moveaxis(out, 0, 2), final
 
 
+def test_gpu_launch_settings_narrow_for_wide_float32_rows():
+  assert gpu.default_block_sizes(64) == gpu.BlockSizes()
+  assert gpu.default_block_sizes(128) == gpu.BlockSizes(block_value=32)
+  assert (gpu.chunk_size(128, 64), gpu.chunk_size(256, 64), gpu.chunk_size(256, 16)) == (64, 32, 16)
+
+
 def test_gpu_block_sizes_are_validated():
   assert gpu.BlockSizes() == gpu.BlockSizes(block_value=64, num_warps=4, num_stages=1)
   with pytest.raises(ValueError, match="block_value must be a power of two >= 16"):

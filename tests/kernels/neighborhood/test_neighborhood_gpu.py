@@ -48,6 +48,14 @@ def test_gpu_tiles_are_powers_of_two(spatial, windows, tile):
   assert pallas.kernel_tile("gpu", spatial, windows) == tile
 
 
+def test_gpu_rows_over_512_bytes_take_half_height_tiles():
+  """head_dim 256 in float32: 32-row tiles, so the pipelined K/V tiles fit an A100."""
+  windows_1d, windows_2d = (window.Neighborhood(9),), (window.Neighborhood(5),) * 2
+  assert pallas.kernel_tile("gpu", (300,), windows_1d, row_bytes=1024) == (32,)
+  assert pallas.kernel_tile("gpu", (13, 11), windows_2d, row_bytes=1024) == (4, 8)
+  assert pallas.kernel_tile("gpu", (13, 11), windows_2d, row_bytes=512) == (8, 8)
+
+
 def test_gpu_tiles_round_requested_block_sizes_up():
   windows = (window.Neighborhood(3),) * 2
   assert pallas.kernel_tile("gpu", (40, 40), windows, BlockSizes((24, 3))) == (32, 4)
