@@ -27,15 +27,16 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-import attnjax as aj
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run as a script
+
+import attnjax as aj  # noqa: E402
+from benchmarks.block_sparse import timed  # noqa: E402  (median after a warm-up)
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 NO_GPU = 2  # exit status without a GPU
@@ -173,17 +174,6 @@ FAMILIES = {
 }
 
 
-def median_seconds(fn: Callable, args: tuple, repeats: int) -> float:
-  """Median wall time of the compiled `fn(*args)` after one warm-up run."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def time_impl(fn: Callable, qkv: tuple, repeats: int) -> dict:
   """{"forward_ms", "forward_backward_ms"} of `fn`, or {"error"} where it fails."""
 
@@ -191,8 +181,8 @@ def time_impl(fn: Callable, qkv: tuple, repeats: int) -> dict:
     return fn(q, k, v).astype(jnp.float32).sum()
 
   try:
-    forward = median_seconds(jax.jit(fn), qkv, repeats)
-    both = median_seconds(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), qkv, repeats)
+    forward = timed(fn, qkv, repeats)
+    both = timed(jax.grad(loss, argnums=(0, 1, 2)), qkv, repeats)
   except Exception as e:  # the failure is the result (unsupported GPU, no kernel here, ...)
     return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
   return {"forward_ms": 1e3 * forward, "forward_backward_ms": 1e3 * both}

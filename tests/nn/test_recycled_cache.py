@@ -16,6 +16,7 @@ from attnjax import nn
 from attnjax.nn import RecycledAttention
 from attnjax.nn import cache as cache_lib
 from tests.helpers import TOL_BLOCKED_F32, assert_close, rel_error
+from tests.nn.test_streaming_cache import streamed
 
 VOCAB, EMBED, HEADS, KV_HEADS = 17, 32, 4, 2
 
@@ -34,14 +35,7 @@ def tokens(seed, batch=2, seq=19):
 
 def decoded(lm, ids, policy, prefill=4):
   """Logits of a `prefill`-token chunk then token-by-token decoding of `ids` under `policy`."""
-  cache = lm.init_cache(ids.shape[0], ids.shape[1], policy=policy)
-  step = jax.jit(lambda cache, chunk: lm.decode(chunk, cache))
-  logits, start = [], 0
-  for size in (prefill,) + (1,) * (ids.shape[1] - prefill):
-    out, cache = step(cache, ids[:, start : start + size])
-    logits.append(out)
-    start += size
-  return jnp.concatenate(logits, axis=1)
+  return streamed(lm, ids, policy, chunks=(prefill,) + (1,) * (ids.shape[1] - prefill))[0]
 
 
 @pytest.mark.parametrize(
